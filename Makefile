@@ -1,0 +1,40 @@
+# Single entry point: install, test, lint, demo, bench.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install install-demo test test-fast lint demo bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[demo]"
+	touch $@
+
+install-demo: $(VENV)/.demo-installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check peft tests examples benchmarks
+
+demo: install-demo
+	$(PY) examples/demo_bbc_minilm.py
+
+bench: install-demo
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

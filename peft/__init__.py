@@ -1,0 +1,45 @@
+"""Parameter-efficient fine-tuning: upstream PEFT's API and adapter format, with LoRA-GA and LoRA-Pro."""
+
+__version__ = "0.21.0+gapro"
+
+from .config import PeftConfig
+from .mapping import get_peft_model, inject_adapter_in_model
+from .mixed_model import PeftMixedModel
+from .peft_model import PeftModel
+from .peft_model_tasks import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .registry import register_peft_method
+from .tuners.lora import LoraConfig, LoraModel
+from .utils import PeftType, TaskType, prepare_model_for_kbit_training
+from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
+
+__all__ = [
+    "LoraConfig",
+    "LoraModel",
+    "PeftConfig",
+    "PeftMixedModel",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_peft_weights",
+    "prepare_model_for_kbit_training",
+    "register_peft_method",
+    "set_peft_model_state_dict",
+]

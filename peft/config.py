@@ -1,0 +1,161 @@
+"""`PeftConfig`: the adapter configuration, its JSON file (`adapter_config.json`) and its registry lookup."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+from .registry import PEFT_TYPE_TO_CONFIG_MAPPING
+from .utils.constants import CONFIG_NAME
+from .utils.hub import resolve_adapter_file
+from .utils.io import atomic_write_text
+from .utils.peft_types import PeftType, TaskType
+
+
+def _inert(value: Any) -> bool:
+    return value in (None, False, 0, "", "megatron.core", 16) or value == {} or value == []
+
+
+@dataclass
+class PeftConfig:
+    """Fields shared by every adapter type; subclasses add the method's own fields.
+
+    The JSON form is `dataclasses.asdict` with enums as their values, sets as sorted lists and sorted keys.
+    """
+
+    peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "The adapter method."})
+    task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "The task of the model."})
+    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Name or path of the base."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Revision of the base model."})
+    inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter (no training)."})
+    auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Auto class used to load the base."})
+    peft_version: Optional[str] = field(default=None, metadata={"help": "Package version that wrote the config."})
+
+    # The PeftType a subclass stands for; None on the base class.
+    peft_type_default: ClassVar[Optional[PeftType]] = None
+    # Upstream fields this fork does not implement: accepted (and dropped) only at an inert value.
+    unsupported_upstream_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.peft_type is None:
+            self.peft_type = self.peft_type_default
+        if self.peft_type is not None:
+            self.peft_type = _to_enum(PeftType, self.peft_type, "peft_type")
+        if self.peft_type_default is not None and self.peft_type != self.peft_type_default:
+            raise ValueError(
+                f"{type(self).__name__} is for peft_type {self.peft_type_default.value!r}, got {self.peft_type!r}."
+            )
+        if self.task_type is not None:
+            self.task_type = _to_enum(TaskType, self.task_type, "task_type")
+        if self.peft_version is None:
+            from . import __version__
+
+            self.peft_version = __version__
+
+    # Properties that transformers' Trainer and upstream user code read.
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able values (enums as strings, sets as sorted lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write `adapter_config.json` into `save_directory` (temporary name, then rename)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; expected a folder.")
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update({k: _jsonable(v) for k, v in kwargs.items()})
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
+        **kwargs,
+    ) -> "PeftConfig":
+        """Load `adapter_config.json` from a local folder or a hub repository id (offline: from the cache)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("cache_dir", "token", "force_download")}
+        path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, revision, **hub_kwargs)
+        data = cls.from_json_file(path)
+        data.update(kwargs)
+        return cls.from_peft_type(_source=path, **data)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str) -> dict[str, Any]:
+        try:
+            with open(path_json_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"Malformed adapter config {path_json_file!r}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"Adapter config {path_json_file!r} must hold a JSON object, got {type(data).__name__}.")
+        return data
+
+    @classmethod
+    def from_peft_type(cls, _source: str = "<dict>", **kwargs) -> "PeftConfig":
+        """Build the registered config class named by `kwargs['peft_type']` (must be `cls` or a subclass)."""
+        if "peft_type" not in kwargs or kwargs["peft_type"] is None:
+            raise ValueError(f"Adapter config {_source!r} has no 'peft_type'; expected one of {_names(PeftType)}.")
+        peft_type = _to_enum(PeftType, kwargs["peft_type"], "peft_type", source=_source)
+        if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            raise ValueError(f"peft_type {peft_type.value!r} in {_source!r} has no registered config class.")
+        config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+        if not issubclass(config_cls, cls):
+            raise ValueError(
+                f"{_source!r} holds a {peft_type.value} adapter ({config_cls.__name__}), not a {cls.__name__}."
+            )
+        return config_cls._from_known_kwargs(_source, kwargs)
+
+    @classmethod
+    def _from_known_kwargs(cls, source: str, kwargs: dict[str, Any]) -> "PeftConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in kwargs.items() if k in names}
+        extra = {k: v for k, v in kwargs.items() if k not in names}
+        used = sorted(k for k in extra if k in cls.unsupported_upstream_fields and not _inert(extra[k]))
+        if used:
+            detail = ", ".join(f"{k}={extra[k]!r}" for k in used)
+            raise ValueError(f"Adapter config {source!r} uses upstream features not supported here: {detail}.")
+        dropped = sorted(k for k in extra if k not in cls.unsupported_upstream_fields)
+        if dropped:
+            warnings.warn(f"Ignoring unknown keys in adapter config {source!r} for {cls.__name__}: {dropped}.")
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise ValueError(f"Invalid adapter config {source!r}: {exc}") from None
+
+
+def _names(enum_cls: type[enum.Enum]) -> list[str]:
+    return [m.value for m in enum_cls]
+
+
+def _to_enum(enum_cls, value, what: str, source: Optional[str] = None):
+    try:
+        return enum_cls(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        where = f" in {source!r}" if source else ""
+        raise ValueError(f"Unknown {what} {value!r}{where}; expected one of {_names(enum_cls)}.") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

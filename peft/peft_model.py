@@ -1,0 +1,265 @@
+"""`PeftModel`: a model with adapters, its save/load in upstream's format, and adapter management."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .registry import PEFT_TYPE_TO_TUNER_MAPPING
+from .utils.other import ModulesToSaveWrapper
+from .utils.save_and_load import (
+    get_peft_model_state_dict,
+    load_peft_weights,
+    save_adapter_weights,
+    set_peft_model_state_dict,
+)
+
+_HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
+
+
+class PeftModel(nn.Module):
+    """Base model plus adapters. `self.base_model` is the tuner model (e.g. `LoraModel`), whose `.model` is the
+    wrapped transformers (or any torch) model, so parameter names read `base_model.model.<path>`."""
+
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
+        self._prepare_config(peft_config, model)
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = {"adapter_names"}
+        tuner_cls = _tuner_class(peft_config)
+        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
+        if getattr(model, "is_gradient_checkpointing", False):
+            _enable_input_grads(model)
+
+    # --- plumbing -----------------------------------------------------------------------------------------------
+    def _prepare_config(self, peft_config: PeftConfig, model: nn.Module) -> None:
+        """Task subclasses add their heads to `modules_to_save`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        active = self.base_model.active_adapter
+        return active if isinstance(active, str) else active[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    def forward(self, *args, **kwargs):
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # --- parameters ---------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; 4-bit packed weights count twice their stored elements."""
+        trainable, total = 0, 0
+        for param in self.parameters():
+            n = param.numel()
+            if type(param).__name__ == "Params4bit":
+                n *= 2
+            total += n
+            trainable += n if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / max(total, 1)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # --- adapters -----------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Inject a further adapter; the active adapter stays what it was."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
+        if not isinstance(self.base_model, _tuner_class(peft_config)):
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type.value} adapter to a {self.peft_type.value} model."
+            )
+        self._prepare_config(peft_config, self.get_base_model())
+        snapshot = _requires_grad_snapshot(self)
+        self.peft_config[adapter_name] = peft_config
+        try:
+            self.base_model.inject_adapter(self.get_base_model(), adapter_name)
+        except Exception:
+            self._remove_adapter_quietly(adapter_name, snapshot)
+            raise
+
+    def _remove_adapter_quietly(self, adapter_name: str, snapshot: dict) -> None:
+        self.peft_config.pop(adapter_name, None)
+        for module in self.modules():
+            if hasattr(module, "delete_adapter") and module is not self and module is not self.base_model:
+                try:
+                    module.delete_adapter(adapter_name)
+                except (KeyError, ValueError):
+                    pass
+        _restore_requires_grad(self, snapshot)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: inside, the model computes exactly the base model's outputs."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                                adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # --- save / load --------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str, safe_serialization: bool = True, selected_adapters: Optional[list[str]] = None,
+        is_main_process: bool = True, state_dict: Optional[dict] = None, **kwargs,
+    ) -> None:
+        """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (non-default adapters in a
+        sub-folder named after them), each file under a temporary name first."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; expected a folder.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapters {unknown}; available adapters: {sorted(self.peft_config)}.")
+        if not is_main_process:
+            return
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            weights = self._adapter_state_dict_for_save(name, state_dict)
+            save_adapter_weights(weights, folder, safe_serialization=safe_serialization)
+            self._save_config(self.peft_config[name], folder)
+
+    def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict]) -> dict:
+        return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name)
+
+    def _save_config(self, config: PeftConfig, folder: str) -> None:
+        base = self.get_base_model()
+        name_or_path = config.base_model_name_or_path or getattr(getattr(base, "config", None), "_name_or_path", None)
+        inference_mode = config.inference_mode
+        try:
+            config.inference_mode = True
+            config.base_model_name_or_path = name_or_path or None
+            config.save_pretrained(folder)
+        finally:
+            config.inference_mode = inference_mode
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+        config: Optional[PeftConfig] = None, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+        **kwargs,
+    ) -> "PeftModel":
+        """Load a saved adapter onto `model`. On any error the model is left exactly as it was."""
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **hub)
+        weights = load_peft_weights(model_id, device=kwargs.pop("torch_device", None), **hub)
+        config.inference_mode = not is_trainable
+        model_cls = cls
+        if cls is PeftModel and config.task_type is not None:
+            from .peft_model_tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+            model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type.value, cls)
+        snapshot = _requires_grad_snapshot(model)
+        peft_model = model_cls(model, config, adapter_name)
+        try:
+            peft_model._load_weights(weights, adapter_name, is_trainable)
+        except Exception:
+            peft_model.base_model.unload()
+            _restore_requires_grad(model, snapshot)
+            raise
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str, adapter_name: str, is_trainable: bool = False, torch_device: Optional[str] = None,
+        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs,
+    ):
+        """Load a saved adapter as `adapter_name` (replacing its weights if it exists). All-or-nothing."""
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        config = PeftConfig.from_pretrained(model_id, **hub)
+        weights = load_peft_weights(model_id, device=torch_device, **hub)
+        config.inference_mode = not is_trainable
+        if adapter_name in self.peft_config:
+            result = self._load_weights(weights, adapter_name, is_trainable)
+            return result
+        self.add_adapter(adapter_name, config)
+        snapshot = _requires_grad_snapshot(self)
+        try:
+            return self._load_weights(weights, adapter_name, is_trainable)
+        except Exception:
+            self._remove_adapter_quietly(adapter_name, snapshot)
+            raise
+
+    def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool):
+        result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+        if not is_trainable:
+            for name, param in self.named_parameters():
+                if f".{adapter_name}." in name + "." and ("lora_" in name or "modules_to_save" in name):
+                    param.requires_grad_(False)
+            self.eval()
+        return result
+
+
+def _tuner_class(config: PeftConfig):
+    if config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"peft_type {config.peft_type!r} has no registered tuner; known: "
+                         f"{sorted(p.value for p in PEFT_TYPE_TO_TUNER_MAPPING)}.")
+    return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+
+
+def _requires_grad_snapshot(model: nn.Module) -> dict[int, tuple[torch.nn.Parameter, bool]]:
+    return {id(p): (p, p.requires_grad) for p in model.parameters()}
+
+
+def _restore_requires_grad(model: nn.Module, snapshot: dict) -> None:
+    for param, flag in snapshot.values():
+        param.requires_grad_(flag)
+
+
+def _enable_input_grads(model: nn.Module) -> None:
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+__all__ = ["PeftModel", "ModulesToSaveWrapper"]

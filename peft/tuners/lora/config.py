@@ -1,0 +1,93 @@
+"""`LoraConfig`: the fields of a LoRA adapter (upstream's names and JSON form)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional, Union
+
+from ...config import PeftConfig
+from ...utils.peft_types import PeftType
+
+_BIAS = ("none", "all", "lora_only")
+_INITS = (True, False, "gaussian")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Low-rank adaptation `W' = W + s B A`, `s = lora_alpha / r` (rsLoRA: `lora_alpha / sqrt(r)`).
+
+    Args:
+        r: rank of the update. lora_alpha: numerator of the scale. lora_dropout: dropout on the LoRA input.
+        target_modules: a list of module names (matched as a dotted suffix), a regex (full match), or
+            "all-linear" (every linear layer but the output layer); None uses the architecture's default.
+        exclude_modules: same forms as `target_modules`; matches are never adapted.
+        layers_to_transform / layers_pattern: only adapt blocks with these indices (in `<pattern>.<index>.`).
+        rank_pattern / alpha_pattern: per-module `r` / `lora_alpha`, keys are regexes on a dotted suffix.
+        use_rslora: use `lora_alpha / sqrt(r)` (Kalajdzievski 2023). bias: "none", "all" or "lora_only".
+        fan_in_fan_out: the base stores W as (in, out) (GPT-2's Conv1D). modules_to_save: modules trained whole.
+        init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A normal, std 1/r), False (random B).
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Never adapt these."})
+    lora_alpha: float = field(default=8, metadata={"help": "Scale numerator."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the LoRA branch input."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored as (in, out)."})
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases train."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by lora_alpha / sqrt(r)."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained and saved."})
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={"help": "True, False or 'gaussian'."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Block indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Block list name."})
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank (regex -> r)."})
+    alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha (regex -> alpha)."})
+    lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Upstream spelling of LoRA-GA."})
+
+    peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORA
+    unsupported_upstream_fields: ClassVar[tuple[str, ...]] = (
+        "use_dora", "lora_bias", "layer_replication", "loftq_config", "megatron_config", "megatron_core",
+        "eva_config", "corda_config", "trainable_token_indices", "target_parameters", "use_qalora",
+        "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config",
+        "monteclora_config", "use_bdlora", "velora_config", "runtime_config",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate()
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def _validate(self) -> None:
+        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "a positive int")
+        _check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
+               "a positive number")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+        _check(self.bias in _BIAS, "bias", self.bias, f"one of {_BIAS}")
+        _check(self.init_lora_weights in _INITS or self.init_lora_weights in self._extra_inits(), "init_lora_weights",
+               self.init_lora_weights, f"one of {_INITS + self._extra_inits()}")
+        if self.layers_to_transform is not None:
+            _check(not isinstance(self.target_modules, str), "target_modules", self.target_modules,
+                   "a list when layers_to_transform is set")
+        if self.layers_pattern is not None:
+            _check(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
+                   "to come with layers_to_transform")
+        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            _check(isinstance(patterns, dict), name, patterns, "a dict from regex to number")
+            for key, value in patterns.items():
+                _check(isinstance(value, (int, float)) and value > 0, f"{name}[{key!r}]", value, "a positive number")
+        if self.init_lora_weights == "lora_ga":
+            _check(self.peft_type == PeftType.LORA, "init_lora_weights", "lora_ga", "only with a LoraConfig")
+
+    @staticmethod
+    def _extra_inits() -> tuple:
+        return ("lora_ga",)
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}={value!r}: expected {expected}.")

@@ -1,0 +1,51 @@
+"""First-match dispatch from a base module to its LoRA layer class. Backends append their own dispatcher."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+from torch import nn
+
+from .conv import Conv2d
+from .embedding import Embedding
+from .layer import Linear
+
+Dispatcher = Callable[..., Optional[nn.Module]]
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, lora_config, **kwargs) -> Optional[nn.Module]:
+    """Plain PyTorch / transformers layers: Embedding, Conv2d, Linear, GPT-2's Conv1D."""
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(base, nn.Conv2d):
+        return Conv2d(target, adapter_name, **kwargs)
+    if type(base) is nn.Linear or (isinstance(base, nn.Linear) and base.weight.dtype.is_floating_point):
+        if kwargs.get("fan_in_fan_out"):
+            warnings.warn("fan_in_fan_out=True but the target is nn.Linear (stored out x in); using False.")
+        kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
+        return Linear(target, adapter_name, **kwargs)
+    if type(base).__name__ == "Conv1D":
+        if not kwargs.get("fan_in_fan_out"):
+            warnings.warn("The target is a Conv1D (stored in x out); setting fan_in_fan_out=True.")
+        kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = True
+        return Linear(target, adapter_name, **kwargs)
+    return None
+
+
+# Backends (bitsandbytes, ...) insert their dispatcher at the front: they handle subclasses of nn.Linear.
+DISPATCHERS: list[Dispatcher] = [dispatch_default]
+
+
+def create_lora_module(target: nn.Module, adapter_name: str, lora_config, key: str, **kwargs) -> nn.Module:
+    for dispatch in DISPATCHERS:
+        module = dispatch(target, adapter_name, lora_config, **kwargs)
+        if module is not None:
+            return module
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    raise ValueError(
+        f"Target module {key!r} of type {type(base).__module__}.{type(base).__name__} has no LoRA layer; "
+        "supported: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, transformers Conv1D, "
+        "bitsandbytes Linear4bit / Linear8bitLt (when bitsandbytes is installed)."
+    )

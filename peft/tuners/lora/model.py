@@ -1,0 +1,74 @@
+"""`LoraModel`: injects LoRA layers into a model according to a `LoraConfig`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ..target_matching import all_linear_names, pattern_value
+from ..tuners_utils import BaseTuner
+from .dispatch import create_lora_module
+from .layer import LoraLayer
+
+
+class LoraModel(BaseTuner):
+    """The tuner model for LoRA: `PeftModel.base_model` is one of these, and its `.model` the wrapped model."""
+
+    prefix: str = "lora_"
+    tuner_layer_cls = LoraLayer
+
+    def _prepare_adapter_config(self, config, model_config: dict):
+        if config.target_modules is None:
+            model_type = model_config.get("model_type")
+            defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            if defaults is None:
+                raise ValueError(
+                    f"target_modules is None and there is no default for model_type {model_type!r}; "
+                    "pass target_modules (a list of names, a regex, or 'all-linear')."
+                )
+            config.target_modules = set(defaults)
+        elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+            config.target_modules = all_linear_names(self.model)
+        return config
+
+    def _layer_kwargs(self, config, key: str) -> dict:
+        r = pattern_value(key, config.rank_pattern or {}, config.r)
+        return {
+            "r": r,
+            "lora_alpha": pattern_value(key, config.alpha_pattern or {}, config.lora_alpha),
+            "lora_dropout": config.lora_dropout,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "init_lora_weights": False if config.init_lora_weights == "lora_ga" else config.init_lora_weights,
+            "use_rslora": config.use_rslora,
+        }
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        kwargs = self._layer_kwargs(config, current_key)
+        if isinstance(target, LoraLayer):
+            kwargs.pop("fan_in_fan_out")
+            target.update_layer(adapter_name, **kwargs)
+            layer = target
+        else:
+            layer = create_lora_module(target, adapter_name, config, current_key, **kwargs)
+            setattr(parent, target_name, layer)
+        self._init_adapter_weights(layer, config, adapter_name, current_key)
+
+    def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
+        """Hook for data-driven initialisations (LoRA-GA); plain LoRA keeps the layer's own init."""
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            parts = name.split(".")
+            if not any(p.startswith(self.prefix) or p == "modules_to_save" for p in parts):
+                param.requires_grad_(False)
+        for adapter in self.active_adapters:
+            bias = self.peft_config[adapter].bias
+            if bias == "all":
+                for name, param in model.named_parameters():
+                    if name.endswith("bias") and "original_module" not in name:
+                        param.requires_grad_(True)
+            elif bias == "lora_only":
+                for _, layer in self.tuner_layers():
+                    base_bias = getattr(layer.get_base_layer(), "bias", None)
+                    if base_bias is not None:
+                        base_bias.requires_grad_(True)

@@ -1,0 +1,314 @@
+"""Base classes shared by every tuner type: the adapter layer (`BaseTunerLayer`) and the model (`BaseTuner`)."""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from ..utils.constants import TASK_TYPE_TO_HEAD_MODULES
+from ..utils.other import ModulesToSaveWrapper, get_submodules
+from .target_matching import _inside_adapter_machinery, is_target
+
+
+class BaseTunerLayer:
+    """Mixin for a layer that wraps `base_layer` and holds per-adapter weights in `ModuleDict`s.
+
+    Subclasses list the names of their per-adapter containers in `adapter_layer_names` (trainable) and
+    `other_param_names` (plain per-adapter dicts such as `r` and `scaling`).
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    _disable_adapters: bool = False
+    _active_adapter: Union[str, list[str]] = "default"
+    merged_adapters: list[str]
+
+    def get_base_layer(self) -> nn.Module:
+        base = self
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self):
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self):
+        return self.get_base_layer().bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        active = self._active_adapter
+        return [active] if isinstance(active, str) else list(active)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter
+
+    def _all_available_adapter_names(self) -> list[str]:
+        names = []
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if hasattr(container, "keys"):
+                names.extend(k for k in container.keys() if k not in names)
+        return names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters on or off; off means the layer computes its base layer's output."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for attr in self.adapter_layer_names:
+                getattr(self, attr).requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Make `adapter_names` active and trainable; other adapters of this layer are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, sub in container.items():
+                flag = key in names
+                if isinstance(sub, nn.Parameter):
+                    sub.requires_grad_(flag)
+                else:
+                    sub.requires_grad_(flag)
+        self._active_adapter = names[0] if len(names) == 1 else names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = self._all_available_adapter_names()
+            if remaining:
+                self.set_adapter(remaining[0])
+            else:
+                self._active_adapter = []
+
+    @abstractmethod
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None: ...
+
+    @abstractmethod
+    def unmerge(self) -> None: ...
+
+
+class BaseTuner(nn.Module):
+    """Wraps `model` in place: injects tuner layers for every module its config targets.
+
+    `self.model` is the wrapped model, `self.peft_config` maps adapter names to configs. Subclasses set `prefix`
+    and implement `_create_and_replace`, `_prepare_adapter_config` and `_mark_only_adapters_as_trainable`.
+    """
+
+    prefix: str = ""
+    tuner_layer_cls: type = BaseTunerLayer
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", low_cpu_mem_usage: bool = False):
+        super().__init__()
+        self.model = model
+        if not hasattr(self, "peft_config"):
+            self.peft_config = {}
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        self.peft_config.update(configs)
+        self.active_adapter: Union[str, list[str]] = adapter_name
+        self.inject_adapter(self.model, adapter_name)
+        self.model.peft_config = self.peft_config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model.forward(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # --- hooks for subclasses -----------------------------------------------------------------------------------
+    @abstractmethod
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None: ...
+
+    def _prepare_adapter_config(self, config, model_config: dict):
+        return config
+
+    def _check_new_adapter_config(self, config) -> None:
+        pass
+
+    # --- injection ----------------------------------------------------------------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        """Replace every targeted module by a tuner layer carrying adapter `adapter_name`."""
+        config = self.peft_config[adapter_name]
+        self._check_new_adapter_config(config)
+        model_config = _model_config_dict(model)
+        config = self._prepare_adapter_config(config, model_config)
+        self.peft_config[adapter_name] = config
+        protected = set(config.modules_to_save or [])
+        matched = []
+        for key, _ in list(model.named_modules()):
+            if not key or _inside_adapter_machinery(key) or _under(key, protected):
+                continue
+            if not is_target(config, key):
+                continue
+            parent, target, target_name = get_submodules(model, key)
+            self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            matched.append(key)
+        if not matched:
+            raise ValueError(
+                f"target_modules={_show(config.target_modules)} (layers_to_transform={config.layers_to_transform}, "
+                f"exclude_modules={_show(config.exclude_modules)}) matched no module of "
+                f"{type(model).__name__}; some module names: {_sample_names(model)}."
+            )
+        self.targeted_module_names = getattr(self, "targeted_module_names", []) + matched
+        self._wrap_modules_to_save(model, config, adapter_name)
+        self.set_adapter(self.active_adapters if adapter_name in self.active_adapters else self.active_adapters)
+        self._mark_only_adapters_as_trainable(model)
+        if config.inference_mode:
+            for name, param in model.named_parameters():
+                if _adapter_param(name, adapter_name):
+                    param.requires_grad_(False)
+
+    def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> None:
+        names = config.modules_to_save or []
+        found = set()
+        for key, module in list(model.named_modules()):
+            if _inside_adapter_machinery(key) or not any(key == n or key.endswith("." + n) for n in names):
+                continue
+            found.update(n for n in names if key == n or key.endswith("." + n))
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+                continue
+            parent, target, target_name = get_submodules(model, key)
+            setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
+        task = getattr(config.task_type, "value", config.task_type)
+        optional = TASK_TYPE_TO_HEAD_MODULES.get(task, [])
+        missing = [n for n in names if n not in found and n not in optional]
+        if missing:
+            raise ValueError(f"modules_to_save={names} names modules that do not exist in the model: {missing}.")
+
+    # --- adapter management -------------------------------------------------------------------------------------
+    def tuner_layers(self):
+        """(name, layer) for every tuner layer of the wrapped model."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Unknown adapter {name!r}; available adapters: {sorted(self.peft_config)}.")
+        for _, layer in self.tuner_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+            layer.set_adapter(names)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter(names)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(False)
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                module.enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {adapter_name!r}; available adapters: {sorted(self.peft_config)}.")
+        del self.peft_config[adapter_name]
+        for module in self.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                module.delete_adapter(adapter_name)
+        if adapter_name in self.active_adapters:
+            remaining = [n for n in self.peft_config]
+            self.active_adapter = remaining[0] if remaining else []
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    # --- merge / unload -----------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        for _, layer in self.tuner_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.tuner_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Merge the active (or named) adapters into the base weights and return the plain model."""
+        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every tuner layer without merging and return the original model."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        from tqdm.auto import tqdm
+
+        keys = [n for n, _ in self.tuner_layers()] + [
+            n for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
+        ]
+        for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
+            parent, target, target_name = get_submodules(self.model, key)
+            if isinstance(target, ModulesToSaveWrapper):
+                replacement = target.unwrapped(use_adapter=merge)
+            else:
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                replacement = target.get_base_layer()
+            setattr(parent, target_name, replacement)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    @abstractmethod
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None: ...
+
+
+def _adapter_param(name: str, adapter_name: str) -> bool:
+    parts = name.split(".")
+    return adapter_name in parts and any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
+
+
+def _under(key: str, names: set[str]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[i:j]) in names for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+
+
+def _model_config_dict(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {"model_type": "custom"}
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _show(value) -> str:
+    return repr(sorted(value) if isinstance(value, (set, frozenset)) else value)
+
+
+def _sample_names(model: nn.Module, limit: int = 12) -> list[str]:
+    names = [k for k, m in model.named_modules() if k and not list(m.children())]
+    return names[:limit] + (["..."] if len(names) > limit else [])

@@ -1,0 +1,17 @@
+"""Utilities (upstream's import paths)."""
+
+from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .other import ModulesToSaveWrapper, _get_submodules, get_submodules, prepare_model_for_kbit_training
+from .peft_types import PeftType, TaskType
+
+__all__ = [
+    "CONFIG_NAME",
+    "SAFETENSORS_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "ModulesToSaveWrapper",
+    "PeftType",
+    "TaskType",
+    "_get_submodules",
+    "get_submodules",
+    "prepare_model_for_kbit_training",
+]

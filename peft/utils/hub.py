@@ -1,0 +1,64 @@
+"""Find an adapter file in a local folder or in a (cached) Hugging Face Hub repository."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def resolve_adapter_file(
+    model_id: str,
+    filename: str,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    required: bool = True,
+    **hub_kwargs,
+) -> Optional[str]:
+    """Return the local path of `filename` for `model_id`, or None when absent and not `required`.
+
+    `model_id` is a local folder or a hub repository id. Offline (`HF_HUB_OFFLINE=1`), a hub id that is not in
+    the local cache fails at once with a message saying so instead of waiting on the network.
+    """
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"model_id must be a folder path or a hub repository id, got {type(model_id).__name__}")
+    model_id = os.fspath(model_id)
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            return path
+        if required:
+            raise FileNotFoundError(f"No '{filename}' in the adapter folder '{folder}'.")
+        return None
+    if os.path.isdir(model_id) or _looks_like_path(model_id):
+        raise FileNotFoundError(f"Adapter folder '{folder}' does not exist.")
+    return _from_hub(model_id, filename, subfolder, revision, required, **hub_kwargs)
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith(("/", "./", "../", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
+def _from_hub(model_id, filename, subfolder, revision, required, **hub_kwargs) -> Optional[str]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    allowed = {"cache_dir", "token", "force_download", "local_files_only", "repo_type"}
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, **kwargs)
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"No '{filename}' in hub repository '{model_id}'.") from None
+        return None
+    except LocalEntryNotFoundError as exc:
+        if not required and not offline:
+            return None
+        where = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else "it could not be fetched"
+        raise FileNotFoundError(
+            f"'{model_id}' is not a local folder, and '{filename}' of hub repository '{model_id}' is unavailable: "
+            f"{where}."
+        ) from exc
+    except HFValidationError as exc:
+        raise FileNotFoundError(f"'{model_id}' is neither an existing folder nor a valid hub repository id.") from exc

@@ -1,0 +1,136 @@
+"""Module plumbing: find submodules, keep trainable copies of whole modules, prepare k-bit models."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+
+def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent, module, attribute name) for the dotted module path `key`."""
+    parent_key, _, target_name = key.rpartition(".")
+    parent = model.get_submodule(parent_key) if parent_key else model
+    return parent, model.get_submodule(key), target_name
+
+
+_get_submodules = get_submodules  # upstream spelling
+
+
+class AuxiliaryTrainingWrapper(nn.Module):
+    """Base of wrappers that train something beside the adapter layers (here: whole-module copies)."""
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        return {}
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
+    """Keeps `original_module` frozen and trains one deep copy of it per adapter (`modules_to_save[name]`).
+
+    Saved keys drop the wrapper: `<path>.modules_to_save.<adapter>.<param>` is stored as `<path>.<param>`.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._current(), name)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def _current(self) -> nn.Module:
+        if self._disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def update(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+        self.original_module.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+        if self.active_adapter in self.modules_to_save:
+            self.modules_to_save[self.active_adapter].requires_grad_(enabled)
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key == names[0])
+        self._active_adapter = names[:1]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name == self.active_adapter and len(self.modules_to_save):
+            self.set_adapter(next(iter(self.modules_to_save.keys())))
+
+    def unwrapped(self, use_adapter: bool) -> nn.Module:
+        """The module to put back when the wrapper is removed: the active copy, or the original."""
+        if use_adapter and self.active_adapter in self.modules_to_save:
+            return self.modules_to_save[self.active_adapter]
+        return self.original_module
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        if adapter_name not in self.modules_to_save:
+            return {}
+        keys = self.modules_to_save[adapter_name].state_dict().keys()
+        return {k: f"modules_to_save.{adapter_name}.{k}" for k in keys}
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
+    """Get a (quantized) model ready for adapter training, in place.
+
+    Freezes every parameter, casts fp16/bf16 non-quantized parameters (norms, embeddings, head) to fp32 for
+    stable training, makes the input embeddings' output require grad (so checkpointed blocks backpropagate into
+    the adapters), and optionally turns on gradient checkpointing (non-reentrant by default).
+    """
+    quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if quantized:
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ == "Parameter":
+                param.data = param.data.to(torch.float32)
+    if use_gradient_checkpointing:
+        _enable_input_grads(model)
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def _enable_input_grads(model: nn.Module) -> None:
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+        return
+    if hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))

