@@ -62,6 +62,8 @@ class LoraModel(BaseTuner):
             if not any(p.startswith(self.prefix) or p == "modules_to_save" for p in parts):
                 param.requires_grad_(False)
         for adapter in self.active_adapters:
+            if self.peft_config[adapter].inference_mode:  # a frozen (inference) adapter trains no bias either
+                continue
             bias = self.peft_config[adapter].bias
             if bias == "all":
                 for name, param in model.named_parameters():
