@@ -1,0 +1,293 @@
+"""Bad input raises an error that names the problem, and a failed load leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import peft.utils.save_and_load as save_and_load
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from tests.helpers.lora_checks import assert_same_snapshot, module_snapshot, randomize_adapter
+from tests.helpers.tiny_models import TINY_MODELS, model_output
+
+SPEC = TINY_MODELS["custom"]
+
+
+def _saved_adapter(folder, **config):
+    """Save a random adapter of the tiny custom net into `folder` and return its output on SPEC.inputs()."""
+    kwargs = dict(r=2, target_modules=["lin1", "conv"], modules_to_save=["lin2"])
+    kwargs.update(config)
+    model = get_peft_model(SPEC.build(), LoraConfig(**kwargs))
+    randomize_adapter(model, seed=4)
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        return model_output(model(**SPEC.inputs()))
+
+
+def _edit_config(folder, **changes):
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    _saved_adapter(tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+# --- config files -----------------------------------------------------------------------------------------------
+def test_unknown_peft_type(adapter_dir):
+    _edit_config(adapter_dir, peft_type="SUPER_LORA")
+    with pytest.raises(ValueError, match="SUPER_LORA"):
+        PeftConfig.from_pretrained(adapter_dir)
+    with pytest.raises(ValueError, match="SUPER_LORA"):
+        PeftModel.from_pretrained(SPEC.build(), adapter_dir)
+
+
+def test_missing_peft_type(adapter_dir):
+    path = adapter_dir / "adapter_config.json"
+    data = json.loads(path.read_text())
+    del data["peft_type"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="peft_type"):
+        PeftConfig.from_pretrained(adapter_dir)
+
+
+@pytest.mark.parametrize("text", ['{"peft_type": "LORA", "r": ', "[1, 2]", ""])
+def test_malformed_config_json(adapter_dir, text):
+    (adapter_dir / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        PeftConfig.from_pretrained(adapter_dir)
+
+
+def test_invalid_field_value_in_config(adapter_dir):
+    _edit_config(adapter_dir, r=-3)
+    with pytest.raises(ValueError, match="r=-3"):
+        PeftConfig.from_pretrained(adapter_dir)
+
+
+def test_missing_config_file(adapter_dir):
+    os.remove(adapter_dir / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        PeftModel.from_pretrained(SPEC.build(), adapter_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PeftModel.from_pretrained(SPEC.build(), adapter_dir / "nowhere")
+
+
+# --- weight files -----------------------------------------------------------------------------------------------
+def test_missing_weights_file(adapter_dir):
+    os.remove(adapter_dir / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        PeftModel.from_pretrained(SPEC.build(), adapter_dir)
+
+
+def test_truncated_weights_file(adapter_dir):
+    path = adapter_dir / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        PeftModel.from_pretrained(SPEC.build(), adapter_dir)
+
+
+def test_bin_weights_load_with_weights_only(tmp_path):
+    """A `.bin` adapter loads (weights_only=True); a pickle carrying an arbitrary object is refused."""
+    model = get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["lin1"]))
+    randomize_adapter(model, seed=5)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(SPEC.build(), tmp_path)
+    for key, value in get_peft_model_state_dict(model).items():
+        assert torch.equal(get_peft_model_state_dict(loaded)[key], value)
+
+    state = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    state["evil"] = _Evil()
+    with open(tmp_path / "adapter_model.bin", "wb") as f:
+        pickle.dump(state, f)  # torch.load reads plain pickles too, but weights_only must refuse the class
+    _Evil.ran = False
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        PeftModel.from_pretrained(SPEC.build(), tmp_path)
+    assert not _Evil.ran
+
+
+class _Evil:
+    ran = False
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def _mark_ran():
+    _Evil.ran = True
+    return "pwned"
+
+
+def test_shape_mismatch_names_the_tensor(adapter_dir):
+    _edit_config(adapter_dir, r=4)  # weights were saved with r=2
+    with pytest.raises(ValueError, match=r"lin1\.lora_A\.weight.*\(2, 96\)"):
+        PeftModel.from_pretrained(SPEC.build(), adapter_dir)
+
+
+def test_weights_for_another_model(tmp_path):
+    """Keys that fit no module of the model: the error counts and names them."""
+    _saved_adapter(tmp_path, target_modules=["lin1"], modules_to_save=None)
+    _edit_config(tmp_path, target_modules=["conv"])
+    with pytest.raises(ValueError, match="unexpected keys.*lin1"):
+        PeftModel.from_pretrained(SPEC.build(), tmp_path)
+
+
+# --- targets and adapter names ----------------------------------------------------------------------------------
+def test_target_modules_matching_nothing():
+    model = SPEC.build()
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=r"matched no module.*lin1"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"]))
+    assert_same_snapshot(before, module_snapshot(model))
+
+
+def test_unsupported_target_type_leaves_model_unchanged():
+    """`lin1` is adapted first, then the ReLU-free `TinyNet` has no LoRA layer for a BatchNorm: roll back."""
+    model = SPEC.build()
+    model.add_module("norm", torch.nn.BatchNorm1d(5))
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match="norm"):
+        get_peft_model(model, LoraConfig(target_modules=["lin1", "norm"]))
+    assert_same_snapshot(before, module_snapshot(model))
+
+
+def test_modules_to_save_naming_nothing():
+    model = SPEC.build()
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match="head"):
+        get_peft_model(model, LoraConfig(target_modules=["lin1"], modules_to_save=["head"]))
+    assert_same_snapshot(before, module_snapshot(model))
+
+
+def test_unknown_adapter_names(tmp_path):
+    model = get_peft_model(SPEC.build(), LoraConfig(target_modules=["lin1"]))
+    for call in (
+        lambda: model.set_adapter("nope"),
+        lambda: model.delete_adapter("nope"),
+        lambda: model.save_pretrained(tmp_path, selected_adapters=["nope"]),
+        lambda: get_peft_model_state_dict(model, adapter_name="nope"),
+        lambda: model.merge_adapter(adapter_names=["nope"]),
+        lambda: model.merge_and_unload(adapter_names=["nope"]),
+    ):
+        with pytest.raises(ValueError, match="nope"):
+            call()
+    assert not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", LoraConfig(target_modules=["lin1"]))
+    with pytest.raises(ValueError, match="adapter_name"):
+        get_peft_model(SPEC.build(), LoraConfig(target_modules=["lin1"]), adapter_name="a.b")
+
+
+# --- failed loads change nothing --------------------------------------------------------------------------------
+@pytest.mark.parametrize("breakage", ["shape", "truncated", "missing_key", "targets", "mts"])
+def test_failed_from_pretrained_leaves_model_unchanged(adapter_dir, breakage):
+    if breakage == "shape":
+        _edit_config(adapter_dir, r=3)
+    elif breakage == "truncated":
+        path = adapter_dir / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    elif breakage == "missing_key":
+        _edit_config(adapter_dir, target_modules=["lin1", "conv", "emb"])
+    elif breakage == "targets":
+        _edit_config(adapter_dir, target_modules=["nothing_here"])
+    else:
+        _edit_config(adapter_dir, modules_to_save=["head"])
+    model = SPEC.build()
+    model.lin2.weight.requires_grad_(False)  # an unusual requires_grad pattern must survive too
+    model.train()
+    before = module_snapshot(model)
+    with pytest.raises((ValueError, FileNotFoundError)):
+        PeftModel.from_pretrained(model, adapter_dir)
+    assert_same_snapshot(before, module_snapshot(model))
+
+
+def _load_adapter_must_fail(good_dir, bad_dir, name):
+    model = PeftModel.from_pretrained(SPEC.build(), good_dir, is_trainable=True)
+    model.train()
+    model.get_base_model().lin1.base_layer.bias.requires_grad_(True)  # unusual flags must survive too
+    before = module_snapshot(model)
+    config_before = {k: v.to_dict() for k, v in model.peft_config.items()}
+    with pytest.raises(ValueError):
+        model.load_adapter(bad_dir, name, is_trainable=True)
+    assert_same_snapshot(before, module_snapshot(model))
+    assert {k: v.to_dict() for k, v in model.peft_config.items()} == config_before
+    assert model.active_adapter == "default"
+
+
+@pytest.mark.parametrize("other", [{"r": 3}, {"target_modules": ["lin1"]}, {"modules_to_save": None}])
+def test_failed_load_adapter_into_existing_name(tmp_path, other):
+    """Weights saved from a differently shaped adapter do not fit the existing adapter "default"."""
+    _saved_adapter(tmp_path / "good")
+    _saved_adapter(tmp_path / "bad", **other)
+    _load_adapter_must_fail(tmp_path / "good", tmp_path / "bad", "default")
+
+
+@pytest.mark.parametrize("breakage", ["shape", "missing_key", "targets", "mts", "new_targets_then_shape"])
+def test_failed_load_adapter_as_new_name(tmp_path, breakage):
+    """The config injects a new adapter, then the weights do not fit it: the injection is undone."""
+    _saved_adapter(tmp_path / "good")
+    _saved_adapter(tmp_path / "bad")
+    changes = {
+        "shape": {"r": 3},
+        "missing_key": {"target_modules": ["lin1", "conv", "emb"]},
+        "targets": {"target_modules": ["nothing_here"]},
+        "mts": {"modules_to_save": ["lin2", "head"]},
+        "new_targets_then_shape": {"target_modules": ["lin1", "conv", "emb"], "r": 3},
+    }[breakage]
+    _edit_config(tmp_path / "bad", **changes)
+    _load_adapter_must_fail(tmp_path / "good", tmp_path / "bad", "second")
+
+
+# --- crash-safe saves -------------------------------------------------------------------------------------------
+def test_failed_save_keeps_old_files(tmp_path, monkeypatch):
+    _saved_adapter(tmp_path)
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["lin1", "conv"], modules_to_save=["lin2"]))
+    randomize_adapter(model, seed=9)
+
+    import safetensors.torch
+
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old, "old files changed or temp files left"
+
+    def broken_replace(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        model.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
+def test_save_uses_temporary_name_then_rename(tmp_path, monkeypatch):
+    """Every file lands through os.replace from a temporary name in the same folder."""
+    calls = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        calls.append((os.path.dirname(src), os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(save_and_load, "SAFETENSORS_WEIGHTS_NAME", save_and_load.SAFETENSORS_WEIGHTS_NAME)
+    _saved_adapter(tmp_path)
+    assert sorted(c[2] for c in calls) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(src != dst and folder == str(tmp_path) for folder, src, dst in calls)
