@@ -111,13 +111,9 @@ class PeftModel(nn.Module):
             raise
 
     def _remove_adapter_quietly(self, adapter_name: str, snapshot: dict) -> None:
+        """Undo a just-added adapter: its config, its weights, and the layers wrapped only for it."""
         self.peft_config.pop(adapter_name, None)
-        for module in self.modules():
-            if hasattr(module, "delete_adapter") and module is not self and module is not self.base_model:
-                try:
-                    module.delete_adapter(adapter_name)
-                except (KeyError, ValueError):
-                    pass
+        self.base_model.purge_adapter(self.get_base_model(), adapter_name)
         _restore_requires_grad(self, snapshot)
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
@@ -221,10 +217,9 @@ class PeftModel(nn.Module):
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
-            result = self._load_weights(weights, adapter_name, is_trainable)
-            return result
-        self.add_adapter(adapter_name, config)
+            return self._load_weights(weights, adapter_name, is_trainable)
         snapshot = _requires_grad_snapshot(self)
+        self.add_adapter(adapter_name, config)
         try:
             return self._load_weights(weights, adapter_name, is_trainable)
         except Exception:

@@ -155,7 +155,33 @@ class BaseTuner(nn.Module):
 
     # --- injection ----------------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
-        """Replace every targeted module by a tuner layer carrying adapter `adapter_name`."""
+        """Replace every targeted module by a tuner layer carrying adapter `adapter_name`. All-or-nothing: on any
+        error the modules, adapter weights and `requires_grad` flags are put back as they were."""
+        snapshot = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            self._inject(model, adapter_name)
+        except Exception:
+            self.purge_adapter(model, adapter_name)
+            for param, flag in snapshot:
+                param.requires_grad_(flag)
+            raise
+
+    def purge_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        """Remove every trace of `adapter_name` from `model`'s layers (not from `peft_config`): its weights, and
+        the tuner layers / `modules_to_save` wrappers left with no adapter, which give back their original module."""
+        wrappers = [(k, m) for k, m in model.named_modules()
+                    if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) and not _inside_adapter_machinery(k)]
+        for key, module in wrappers:
+            module.delete_adapter(adapter_name)
+            if isinstance(module, ModulesToSaveWrapper):
+                original = module.original_module if not len(module.modules_to_save) else None
+            else:
+                original = module.get_base_layer() if not module._all_available_adapter_names() else None
+            if original is not None:
+                parent, _, name = get_submodules(model, key)
+                setattr(parent, name, original)
+
+    def _inject(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         model_config = _model_config_dict(model)
@@ -249,7 +275,13 @@ class BaseTuner(nn.Module):
                 self.set_adapter(remaining[0])
 
     # --- merge / unload -----------------------------------------------------------------------------------------
+    def _check_known(self, adapter_names) -> None:
+        for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or []):
+            if name not in self.peft_config:
+                raise ValueError(f"Unknown adapter {name!r}; available adapters: {sorted(self.peft_config)}.")
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_known(adapter_names)
         for _, layer in self.tuner_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -268,6 +300,7 @@ class BaseTuner(nn.Module):
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
         from tqdm.auto import tqdm
 
+        self._check_known(adapter_names)
         keys = [n for n, _ in self.tuner_layers()] + [
             n for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
         ]

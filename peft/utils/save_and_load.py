@@ -51,6 +51,8 @@ def get_peft_model_state_dict(
     model: nn.Module, state_dict: Optional[dict] = None, adapter_name: str = "default", **kwargs
 ) -> dict[str, torch.Tensor]:
     """The tensors of adapter `adapter_name` under their on-disk keys (upstream's format)."""
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"Unknown adapter {adapter_name!r}; available adapters: {sorted(model.peft_config)}.")
     config = model.peft_config[adapter_name]
     if state_dict is None:
         state_dict = model.state_dict()
