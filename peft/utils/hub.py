@@ -45,20 +45,27 @@ def _from_hub(model_id, filename, subfolder, revision, required, **hub_kwargs) -
 
     allowed = {"cache_dir", "token", "force_download", "local_files_only", "repo_type"}
     kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = is_offline()
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, **kwargs)
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"No '{filename}' in hub repository '{model_id}'.") from None
-        return None
-    except LocalEntryNotFoundError as exc:
-        if not required and not offline:
+    except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: a subclass of it in huggingface_hub >= 1
+        if not required:
             return None
         where = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else "it could not be fetched"
         raise FileNotFoundError(
             f"'{model_id}' is not a local folder, and '{filename}' of hub repository '{model_id}' is unavailable: "
             f"{where}."
         ) from exc
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"No '{filename}' in hub repository '{model_id}'.") from None
+        return None
     except HFValidationError as exc:
         raise FileNotFoundError(f"'{model_id}' is neither an existing folder nor a valid hub repository id.") from exc
+
+
+def is_offline() -> bool:
+    """True when the hub must not be contacted (`HF_HUB_OFFLINE`, read now or when huggingface_hub loaded)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .hub import resolve_adapter_file
+from .hub import is_offline, resolve_adapter_file
 from .io import atomic_write
 
 _LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -122,8 +122,10 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs)
     if path is None:
         path = resolve_adapter_file(model_id, WEIGHTS_NAME, subfolder, revision, required=False, **hub_kwargs)
     if path is None:
+        where = " (HF_HUB_OFFLINE=1: only local folders and the hub cache were searched)" if is_offline() else ""
         raise FileNotFoundError(
-            f"No adapter weights in {model_id!r}: expected {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}."
+            f"No adapter weights in {os.fspath(model_id)!r}: expected {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}"
+            f"{where}."
         )
     device = device or "cpu"
     try:
