@@ -1,0 +1,1 @@
+"""Building blocks of `examples/demo_bbc_minilm.py`: data, one setup function per method, training, report."""

@@ -1,0 +1,137 @@
+"""Summaries of the demo's runs: the printed table, `docs/results.md`, the loss-curve PNG, and the check of the
+papers' claims against the numbers just measured."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from .methods import LABELS
+
+SMOOTH = 5  # "train loss at step k" = mean training loss over steps k-4..k
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The steps at which the table reports the training loss: 10%, 25%, 50% and 100% of the budget."""
+    points = sorted({max(SMOOTH, round(steps * f)) for f in (0.1, 0.25, 0.5, 1.0)})
+    return [p for p in points if p <= steps] or [steps]
+
+
+def loss_at(losses: list[float], step: int) -> float:
+    window = losses[max(0, step - SMOOTH):step]
+    return sum(window) / len(window)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: list[dict], steps: int) -> list[dict]:
+    """One row per method (in first-seen order), averaged over seeds."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        row = {"method": method, "label": LABELS.get(method, method), "lr": runs[0]["lr"], "seeds": len(runs)}
+        row["loss"] = {k: _mean_std([loss_at(r["losses"], k) for r in runs]) for k in checkpoints(steps)}
+        row["accuracy"] = _mean_std([r["accuracy"] for r in runs])
+        row["sec_per_step"] = statistics.fmean(statistics.fmean(r["step_times"][1:] or r["step_times"]) for r in runs)
+        row["train_peak_mb"] = max(r["train_peak_mb"] for r in runs)
+        row["setup_seconds"] = statistics.fmean(r["setup_seconds"] for r in runs)
+        row["setup_peak_mb"] = max(r["setup_peak_mb"] for r in runs)
+        row["trainable"] = runs[0]["trainable"]
+        row["curve"] = [statistics.fmean(v) for v in zip(*(r["losses"] for r in runs))]
+        rows.append(row)
+    return rows
+
+
+def _fmt(ms: tuple[float, float], digits: int, pct: bool = False) -> str:
+    mean, std = (ms[0] * 100, ms[1] * 100) if pct else ms
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def table_lines(rows: list[dict], steps: int) -> list[str]:
+    """A Markdown table (also what the demo prints)."""
+    ks = checkpoints(steps)
+    head = ["method", "lr"] + [f"loss@{k}" for k in ks] + [
+        "test acc %", "s/step", "train peak MiB", "setup s", "trainable params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"], f"{row['lr']:g}"] + [_fmt(row["loss"][k], 3) for k in ks] + [
+            _fmt(row["accuracy"], 1, pct=True), f"{row['sec_per_step']:.2f}", f"{row['train_peak_mb']:.0f}",
+            f"{row['setup_seconds']:.1f}", f"{row['trainable']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims(rows: list[dict], steps: int) -> list[str]:
+    """Plain statements of what these numbers say about the two papers' claims (only for methods that ran)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    early = checkpoints(steps)[0]
+    if "loraga" in by and "lora" in by:
+        ga, lo = by["loraga"]["loss"][early][0], by["lora"]["loss"][early][0]
+        verdict = "supported" if ga < lo else "not supported"
+        out.append(f"- LoRA-GA converges faster early than LoRA: **{verdict}** here (train loss at step {early}: "
+                   f"LoRA-GA {ga:.3f} vs LoRA {lo:.3f}; rsLoRA {by.get('rslora', by['lora'])['loss'][early][0]:.3f}).")
+    if "full" in by and "lora" in by:
+        full_acc, lora_acc = by["full"]["accuracy"][0], by["lora"]["accuracy"][0]
+        full_loss, lora_loss = by["full"]["loss"][steps][0], by["lora"]["loss"][steps][0]
+        for key in ("lorapro_full", "lorapro_efficient"):
+            if key not in by:
+                continue
+            pro_acc, pro_loss = by[key]["accuracy"][0], by[key]["loss"][steps][0]
+            verdict = "supported" if abs(pro_loss - full_loss) < abs(lora_loss - full_loss) else "not supported"
+            out.append(
+                f"- {LABELS[key]} is closer to full fine-tuning than LoRA: **{verdict}** by the final train loss "
+                f"(full {full_loss:.3f}, LoRA {lora_loss:.3f}, {LABELS[key]} {pro_loss:.3f}); test accuracy full "
+                f"{100 * full_acc:.1f}%, LoRA {100 * lora_acc:.1f}%, {LABELS[key]} {100 * pro_acc:.1f}%.")
+    return out
+
+
+def machine_lines() -> list[str]:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [f"- CPU: {cpu}, {cores} cores available to the process (torch threads: {torch.get_num_threads()})",
+            f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"]
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        curve = row["curve"]
+        smooth = [loss_at(curve, k) for k in range(1, len(curve) + 1)]
+        ax.plot(range(1, len(curve) + 1), smooth, label=f"{row['label']} (lr {row['lr']:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"train loss (mean of last {SMOOTH} steps)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
