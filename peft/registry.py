@@ -23,19 +23,32 @@ def register_peft_method(
     prefix: str | None = None,
     is_mixed_compatible: bool = False,
 ) -> None:
-    """Register a tuner type: `name` is the lower-case value of its `PeftType` member (e.g. "lora")."""
+    """Register a tuner type: `name` is the lower-case value of its `PeftType` member (e.g. "lora"), `config_cls` a
+    `PeftConfig` subclass, `model_cls` a `BaseTuner` subclass whose `prefix` starts its parameter names."""
+    from .config import PeftConfig
+    from .tuners.tuners_utils import BaseTuner
+
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a str such as 'lora', got {name!r}.")
     try:
         peft_type = PeftType(name.upper())
     except ValueError:
         known = ", ".join(p.value.lower() for p in PeftType)
         raise ValueError(f"Unknown PEFT method name {name!r}; add it to PeftType first (known: {known}).") from None
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PeftConfig)):
+        raise ValueError(f"config_cls must be a PeftConfig subclass, got {config_cls!r}.")
+    if not (isinstance(model_cls, type) and issubclass(model_cls, BaseTuner)):
+        raise ValueError(f"model_cls must be a BaseTuner subclass, got {model_cls!r}.")
     if getattr(config_cls, "peft_type_default", None) not in (None, peft_type):
         raise ValueError(f"{config_cls.__name__} declares peft_type {config_cls.peft_type_default}, not {peft_type}.")
-    prefix = prefix or f"{name}_"
     if not getattr(model_cls, "prefix", None):
         raise ValueError(f"{model_cls.__name__} must define a class attribute `prefix`.")
-    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING and PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] is not config_cls:
-        raise KeyError(f"PEFT method {name!r} is already registered with {PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]}.")
+    if prefix is not None and prefix != model_cls.prefix:
+        raise ValueError(f"prefix={prefix!r} differs from {model_cls.__name__}.prefix={model_cls.prefix!r}.")
+    prefix = model_cls.prefix
+    for table, new in ((PEFT_TYPE_TO_CONFIG_MAPPING, config_cls), (PEFT_TYPE_TO_TUNER_MAPPING, model_cls)):
+        if peft_type in table and table[peft_type] is not new:
+            raise KeyError(f"PEFT method {name!r} is already registered with {table[peft_type]}.")
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
