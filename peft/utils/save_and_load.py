@@ -7,6 +7,7 @@ In memory a key reads `<path>.lora_A.<adapter>.weight`; on disk the adapter name
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -91,18 +92,21 @@ def set_peft_model_state_dict(
         file_key = _adapter_key_to_file_key(key, adapter_name)
         if file_key is not None:
             reverse[file_key] = key
-    targets, unexpected, mismatched = {}, [], []
+    targets, unexpected, mismatched, skipped = {}, [], [], set()
     for file_key, tensor in peft_model_state_dict.items():
         key = _file_key_to_model_key(file_key, adapter_name, reverse, model_keys)
         if key is None:
             unexpected.append(file_key)
         elif tuple(model_state[key].shape) != tuple(tensor.shape):
             mismatched.append(f"{file_key}: file {tuple(tensor.shape)} vs model {tuple(model_state[key].shape)}")
+            skipped.add(key)
         else:
             targets[key] = tensor
     if mismatched and not ignore_mismatched_sizes:
         raise ValueError(f"Shape mismatch loading adapter {adapter_name!r}: " + "; ".join(mismatched))
-    missing = sorted(k for k in reverse.values() if k not in targets)
+    if mismatched:
+        warnings.warn(f"Skipped tensors of another shape loading adapter {adapter_name!r}: " + "; ".join(mismatched))
+    missing = sorted(k for k in reverse.values() if k not in targets and k not in skipped)
     if unexpected or missing:
         raise ValueError(
             f"Adapter weights do not fit adapter {adapter_name!r} of this model: "
