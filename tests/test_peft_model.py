@@ -111,6 +111,21 @@ def test_disable_adapter_restores_state_even_on_error():
     torch.testing.assert_close(model_output(model(**spec.inputs())), y, atol=0, rtol=0)
 
 
+def test_disable_adapter_keeps_frozen_adapters_frozen(tmp_path):
+    spec = TINY_MODELS["custom"]
+    model = get_peft_model(spec.build(), LoraConfig(target_modules=["lin1"], modules_to_save=["lin2"]))
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(spec.build(), tmp_path)
+    with frozen.disable_adapter():
+        pass
+    assert not trainable_names(frozen), "an inference-mode adapter must not become trainable"
+    model.get_base_model().lin1.lora_A["default"].weight.requires_grad_(False)  # user choice: train B only
+    before = trainable_names(model)
+    with model.disable_adapter():
+        pass
+    assert trainable_names(model) == before
+
+
 def test_unload_gives_back_the_original_modules():
     spec = TINY_MODELS["custom"]
     base = spec.build()
