@@ -124,12 +124,15 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Context manager: inside, the model computes exactly the base model's outputs."""
+        """Context manager: inside, the model computes exactly the base model's outputs. On exit the adapters
+        are back on and every `requires_grad` flag is what it was (a frozen adapter stays frozen)."""
+        snapshot = _requires_grad_snapshot(self)
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
             self.base_model.enable_adapter_layers()
+            _restore_requires_grad(self, snapshot)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
