@@ -176,7 +176,7 @@ class BaseTuner(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 original = module.original_module if not len(module.modules_to_save) else None
             else:
-                original = module.get_base_layer() if not module._all_available_adapter_names() else None
+                original = module.base_layer if not module._all_available_adapter_names() else None
             if original is not None:
                 parent, _, name = get_submodules(model, key)
                 setattr(parent, name, original)
