@@ -309,3 +309,14 @@ def test_plain_module_without_config_and_missing_default_targets():
     assert type(model) is PeftModel and model.get_base_model().__class__.__name__ == "TinyNet"
     with pytest.raises(ValueError, match="target_modules"):
         get_peft_model(spec.build(), LoraConfig())
+
+
+def test_tied_weights_warn():
+    """GPT-2's `wte` is tied to `lm_head`: adapting it warns, since merging would change `lm_head` as well."""
+    with pytest.warns(UserWarning, match=r"'transformer.wte' shares its weight with \['lm_head'\]"):
+        get_peft_model(TINY_MODELS["gpt2"].build(), LoraConfig(target_modules=["wte"]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(TINY_MODELS["llama"].build(), LoraConfig(target_modules=["embed_tokens", "q_proj"]))
