@@ -38,7 +38,10 @@ class PeftModel(nn.Module):
         self.special_peft_forward_args = {"adapter_names"}
         tuner_cls = _tuner_class(peft_config)
         self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
-        if getattr(model, "is_gradient_checkpointing", False):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5 spelling
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing:
             _enable_input_grads(model)
 
     # --- plumbing -----------------------------------------------------------------------------------------------

@@ -204,6 +204,7 @@ class BaseTuner(nn.Module):
                 f"{type(model).__name__}; some module names: {_sample_names(model)}."
             )
         self.targeted_module_names = getattr(self, "targeted_module_names", []) + matched
+        _warn_if_weights_are_tied(model, matched)
         self._wrap_modules_to_save(model, config, adapter_name)
         self.set_adapter(self.active_adapters if adapter_name in self.active_adapters else self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
@@ -319,6 +320,22 @@ class BaseTuner(nn.Module):
 
     @abstractmethod
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None: ...
+
+
+def _warn_if_weights_are_tied(model: nn.Module, keys: list[str]) -> None:
+    """Warn when an adapted layer shares its weight with another module (e.g. GPT-2's `wte` and `lm_head`):
+    merging writes `W + s B A` into the shared tensor, so the other module changes too."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    for key in keys:
+        names = owners.get(id(model.get_submodule(key).get_base_layer().weight), [])
+        others = [n for n in names if n != key and not n.startswith(key + ".")]
+        if others:
+            warnings.warn(f"Adapted layer {key!r} shares its weight with {others} (tied weights): merging the adapter "
+                          "changes those modules too, so the merged model differs from the adapter model.")
 
 
 def _adapter_param(name: str, adapter_name: str) -> bool:
