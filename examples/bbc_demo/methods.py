@@ -86,18 +86,17 @@ def setup_rslora(model: nn.Module, lr: float, ctx: dict) -> Setup:
 def setup_loraga(model: nn.Module, lr: float, ctx: dict) -> Setup:
     """LoRA-GA (Wang et al. 2024): A, B from the SVD of the gradient estimated on GA_BATCHES training batches,
     `W <- W - s B A` so the output is unchanged at init; rsLoRA scale as in the paper; AdamW."""
-    from peft.utils.lora_ga_utils import LoraGAContext, estimate_gradient
-
     from peft import LoraGAConfig, get_peft_model
+    from peft.utils import lora_ga_utils as ga
 
     batches = ctx["ga_batches"]
     config = _lora_config(LoraGAConfig, use_rslora=True, iters=len(batches), bsz=ctx["batch_size"],
                           max_length=ctx["max_length"])
     start = time.perf_counter()
     model.train()
-    named_grad = estimate_gradient(model=model, dataloader=batches, accelerator=None, quant_flag=False,
+    named_grad = ga.estimate_gradient(model=model, dataloader=batches, accelerator=None, quant_flag=False,
                                    peft_config=config)
-    with LoraGAContext(model=model, named_grad=named_grad):
+    with ga.LoraGAContext(model=model, named_grad=named_grad):
         model = get_peft_model(model=model, peft_config=config, adapter_name="default")
     del named_grad
     return Setup(model, _adamw(model, lr), setup_seconds=time.perf_counter() - start,
@@ -146,9 +145,8 @@ def available(method: str) -> bool:
     """Whether the package provides what `method` needs (LoRA-GA and LoRA-Pro are optional here)."""
     try:
         if method == "loraga":
-            from peft.utils.lora_ga_utils import LoraGAContext, estimate_gradient  # noqa: F401
-
             from peft import LoraGAConfig  # noqa: F401
+            from peft.utils import lora_ga_utils  # noqa: F401
         elif method.startswith("lorapro"):
             from peft import LoraProConfig  # noqa: F401
             from peft.optimizers import LoraProAdamW  # noqa: F401
