@@ -13,10 +13,15 @@ loaded. LoRA targets every linear layer of the blocks (q, k, v, o, gate, up, dow
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep rather than spin (the 2 cores are shared; spinning makes timings erratic). Set before
+# torch loads; the spawned measuring processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402

@@ -12,10 +12,15 @@ that run); progress and logs go to stderr. The scripts run one after another, ea
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Idle OpenMP threads sleep rather than spin (the 2 cores are shared; spinning makes timings erratic); every
+# benchmark subprocess inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
