@@ -1,0 +1,61 @@
+"""The benchmarks' code paths on a tiny model, in-process (the real runs spawn a process per configuration)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _module(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lora_step_measure_variants():
+    bench = _module("bench_lora_step")
+    job = {"width": 32, "layers": 1, "vocab": 64, "batch": 2, "seq": 8, "repeats": 1, "threads": 1, "rank": 0}
+    frozen = bench.measure({**job, "variant": "frozen"})
+    full = bench.measure({**job, "variant": "full"})
+    lora = bench.measure({**job, "variant": "lora", "rank": 2})
+    assert frozen["trainable"] == 0 and full["trainable"] == full["total"]
+    # rank 2 on 7 projections of one block: 2 * (in + out) per layer
+    w, mlp = 32, int(2.6875 * 32)
+    expected = 2 * (4 * (w + w) + 2 * (w + mlp) + (mlp + w))
+    assert lora["trainable"] == expected
+    assert all(r["seconds"] > 0 and r["peak_mb"] >= 0 for r in (frozen, full, lora))
+    lines = bench.report([frozen, full, lora], bench.parse_args(["--widths", "32", "--ranks", "2"]), "cmd")
+    row = next(line for line in lines if "LoRA r=2" in line)
+    assert row.startswith("| 32 | LoRA r=2 |")
+
+
+def test_run_all_discovers_known_benchmarks_first():
+    run_all = _module("run_all")
+    names = [p.name for p in run_all.discover(None)]
+    assert names[0] == "bench_lora_step.py"
+    known = [n for n in run_all.ORDER if n in names]
+    assert names[:len(known)] == known
+    with pytest.raises(ValueError, match="nope"):
+        run_all.discover(["nope"])
+
+
+def test_peak_rss_sees_an_allocation():
+    measure = _module("_measure")
+    with measure.PeakRSS() as mem:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        del block
+    assert mem.peak_mb > 48
