@@ -1,10 +1,12 @@
 """LoRA training step against the same model with no adapter (frozen, forward + backward) and against full
 fine-tuning, at several widths and ranks, on tiny Llama models built from `LlamaConfig` (CPU, random weights).
 
-Each (width, variant) runs in a fresh process; the step is forward + backward (+ AdamW step and zero_grad where
-there is something to train), timed as the median over `--repeats` steps after 2 warm-up steps, and its memory is
-the peak RSS over all steps (optimizer state created at the first step included) minus the RSS with the model
-loaded. LoRA targets every linear layer of the blocks (q, k, v, o, gate, up, down) with alpha = 2r.
+Time: for each width, one fresh process builds every variant and runs one step of each in turn, `--repeats`
+rounds after 2 warm-up steps each, and keeps each variant's fastest step (interleaving makes a burst of load on a
+shared machine hit all variants alike; the minimum is the least disturbed sample). A step is forward + backward
+(+ AdamW step and zero_grad where something trains). Memory: each (width, variant) in its own fresh process, the
+peak RSS over 3 steps (optimizer state created at the first) minus the RSS with the model loaded. LoRA targets
+every linear layer of the blocks (q, k, v, o, gate, up, down) with alpha = 2r.
 
     python benchmarks/bench_lora_step.py                     # widths 256, 512, 1024; ranks 4, 16, 64
     python benchmarks/bench_lora_step.py --quick             # seconds: the code path only
@@ -57,10 +59,9 @@ def prepare(model, variant: str, rank: int):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
-def measure(job: dict) -> dict:
-    """One configuration (in its own process): median step seconds, peak MiB, trainable parameters."""
-    torch.set_num_threads(job["threads"])
-    model, optimizer = prepare(build_llama(job["width"], job["layers"], job["vocab"]), job["variant"], job["rank"])
+def _step_fn(job: dict, variant: str, rank: int):
+    """(model, step function) for one variant on the job's width, seeded identically."""
+    model, optimizer = prepare(build_llama(job["width"], job["layers"], job["vocab"]), variant, rank)
     model.train()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, job["vocab"], (job["batch"], job["seq"]), generator=gen)
@@ -71,11 +72,33 @@ def measure(job: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def measure(job: dict) -> dict:
+    """Memory of one variant (in its own process): peak MiB over 3 steps, trainable and total parameters."""
+    torch.set_num_threads(job["threads"])
+    model, step = _step_fn(job, job["variant"], job["rank"])
     with PeakRSS() as mem:
-        seconds = median_seconds(step, warmup=2, repeats=job["repeats"])
+        seconds = median_seconds(step, warmup=1, repeats=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {**job, "seconds": seconds, "peak_mb": mem.peak_mb, "memory_how": mem.how, "trainable": trainable,
             "total": sum(p.numel() for p in model.parameters())}
+
+
+def time_interleaved(job: dict, variants: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+    """Step time of every variant of one width, measured in one process, one step of each in turn per round (so a
+    burst of load on the shared machine hits all variants alike); the minimum over `repeats` rounds."""
+    torch.set_num_threads(job["threads"])
+    steps = {v: _step_fn(job, *v)[1] for v in variants}
+    for step in steps.values():  # warm-up (and the optimizer state)
+        step()
+        step()
+    best = {v: float("inf") for v in variants}
+    for _ in range(job["repeats"]):
+        for v, step in steps.items():
+            best[v] = min(best[v], median_seconds(step, warmup=0, repeats=1))
+    return best
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -84,10 +107,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for width in args.widths:
         variants = [("frozen", 0), ("full", 0)] + [("lora", r) for r in args.ranks]
+        job = {**base, "width": width}
+        times = in_fresh_process(time_interleaved, job, variants)
         for variant, rank in variants:
-            job = {**base, "width": width, "variant": variant, "rank": rank}
-            results.append(in_fresh_process(measure, job))
-            print(f"  width {width} {variant}{rank or ''}: {results[-1]['seconds']:.3f} s", file=sys.stderr)
+            result = in_fresh_process(measure, {**job, "variant": variant, "rank": rank})
+            result["seconds"] = times[(variant, rank)]
+            results.append(result)
+            print(f"  width {width} {variant}{rank or ''}: {result['seconds']:.3f} s, {result['peak_mb']:.0f} MiB",
+                  file=sys.stderr)
     return results
 
 
@@ -106,10 +133,11 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> list[
     return [
         "## LoRA training step vs no adapter and vs full fine-tuning", "", f"    {command}", "",
         f"Machine: {machine_line()}.", "",
-        f"Llama, {args.layers} blocks, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, fp32; median of "
-        f"{args.repeats} steps after 2 warm-up steps; peak = max RSS during the steps minus RSS with the model "
-        f"loaded ({results[0]['memory_how']}). `frozen` = forward + backward with every weight frozen (input "
-        "gradients on, so backward runs through all blocks); `full` and LoRA include the AdamW step.", "",
+        f"Llama, {args.layers} blocks, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, fp32. Time: "
+        f"fastest of {args.repeats} interleaved rounds (one step of each variant per round, same process). Memory: "
+        f"peak RSS over 3 steps minus RSS with the model loaded, one fresh process per row "
+        f"({results[0]['memory_how']}). `frozen` = forward + backward with every weight frozen (input gradients on, "
+        "so backward runs through all blocks); `full` and LoRA include the AdamW step.", "",
         *markdown_table(header, rows), "",
     ]
 

@@ -59,3 +59,11 @@ def test_peak_rss_sees_an_allocation():
         block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
         del block
     assert mem.peak_mb > 48
+
+
+def test_lora_step_interleaved_timing_covers_every_variant():
+    bench = _module("bench_lora_step")
+    job = {"width": 32, "layers": 1, "vocab": 64, "batch": 2, "seq": 8, "repeats": 2, "threads": 1}
+    variants = [("frozen", 0), ("full", 0), ("lora", 2), ("lora", 4)]
+    times = bench.time_interleaved(job, variants)
+    assert set(times) == set(variants) and all(0 < t < 10 for t in times.values())
