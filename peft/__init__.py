@@ -16,13 +16,18 @@ from .peft_model_tasks import (
 )
 from .registry import register_peft_method
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.loraga import LoraGAConfig, LoraGAModel
+from .tuners.loraga.upstream import preprocess_loraga
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
+register_peft_method(name="loraga", config_cls=LoraGAConfig, model_cls=LoraGAModel, prefix="lora_")
 
 __all__ = [
     "LoraConfig",
+    "LoraGAConfig",
+    "LoraGAModel",
     "LoraModel",
     "PeftConfig",
     "PeftMixedModel",
@@ -40,6 +45,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "preprocess_loraga",
     "register_peft_method",
     "set_peft_model_state_dict",
 ]

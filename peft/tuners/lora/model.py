@@ -55,6 +55,10 @@ class LoraModel(BaseTuner):
 
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         """Hook for data-driven initialisations (LoRA-GA); plain LoRA keeps the layer's own init."""
+        if config.init_lora_weights == "lora_ga":  # upstream's spelling of LoRA-GA
+            from ..loraga.model import init_from_gradients
+
+            init_from_gradients(self, layer, config, adapter_name, key)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

@@ -1,0 +1,91 @@
+"""`LoraGAConfig`: a LoraConfig whose A and B start from the SVD of the estimated gradient (arXiv 2407.05000)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+from ...utils.peft_types import PeftType
+from ..lora.config import LoraConfig
+from .init_math import DIRECTIONS, SCALES
+
+DTYPES = ("fp32", "fp64")
+# Upstream PEFT's names for the scales (its `LoraGAConfig` sub-config) -> ours.
+SCALE_ALIASES = {"weight_svd": "weightS", "gd_scale": "gd"}
+
+
+@dataclass
+class LoraGAConfig(LoraConfig):
+    """LoRA-GA (Wang, Yu, Li, NeurIPS 2024): LoRA whose factors are initialised from the gradient `G` of the
+    loss w.r.t. each adapted weight, `A <- V^T[0:r]`, `B <- U[:, r:2r]` (direction "ArB2r"), both scaled, and the
+    base weight offset by `-s B A` so that the model's output is unchanged at init.
+
+    Args (besides LoraConfig's; the paper uses `use_rslora=True`):
+        bsz: examples per estimation batch (used by `lora_ga_utils.estimation_dataloader`).
+        iters: number of estimation batches; `estimate_gradient(..., peft_config=config)` stops after it.
+        max_length: estimation sequences are cut to this many tokens (`estimation_dataloader`).
+        direction: which singular vectors go to A and B: "ArB2r", "A2rBr", "ArBr" or "random".
+        scale: "stable" (`m**0.25 / sqrt(stable_gamma)`), "gd" (`1 / s`), "unit" or "weightS" (from W's spectrum).
+        stable_gamma: the gamma of the stable scale.
+        dtype: precision of the SVD and of the init math, "fp32" or "fp64" (A and B are then stored in the
+            adapter's dtype and the offset is computed from them as stored).
+    """
+
+    bsz: int = field(default=2, metadata={"help": "Examples per gradient-estimation batch."})
+    iters: int = field(default=2, metadata={"help": "Number of gradient-estimation batches."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per estimation sequence."})
+    direction: str = field(default="ArB2r", metadata={"help": f"One of {DIRECTIONS}."})
+    dtype: str = field(default="fp32", metadata={"help": f"SVD / init precision, one of {DTYPES}."})
+    scale: str = field(default="stable", metadata={"help": f"One of {SCALES}."})
+    stable_gamma: float = field(default=16, metadata={"help": "Gamma of the stable scale."})
+
+    peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORAGA
+
+    def _validate(self) -> None:
+        super()._validate()
+        self.scale = SCALE_ALIASES.get(self.scale, self.scale)
+        _check_lora_ga_fields(self)
+
+
+def _check_lora_ga_fields(cfg) -> None:
+    """Validate the LoRA-GA fields of `cfg` (a LoraGAConfig, or upstream's sub-config spelled as an object/dict)."""
+    for name in ("bsz", "iters", "max_length"):
+        value = getattr(cfg, name, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"Invalid {name}={value!r}: expected a positive int.")
+    checks = (("direction", DIRECTIONS), ("scale", SCALES), ("dtype", DTYPES))
+    for name, allowed in checks:
+        value = getattr(cfg, name, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"Invalid {name}={value!r}: expected one of {allowed}.")
+    gamma = getattr(cfg, "stable_gamma", 16)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+        raise ValueError(f"Invalid stable_gamma={gamma!r}: expected a positive number.")
+
+
+@dataclass
+class LoraGAInitOptions:
+    """The init options alone (what upstream's `LoraConfig(lora_ga_config=...)` sub-config carries)."""
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: float = 16
+    dtype: str = "fp32"
+
+    @classmethod
+    def from_any(cls, value) -> "LoraGAInitOptions":
+        """From a LoraGAConfig, upstream's LoraGAConfig sub-config, a dict, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"direction", "scale", "stable_gamma", "dtype"})
+            if unknown:
+                raise ValueError(f"Unknown lora_ga_config keys {unknown}: expected direction, scale, stable_gamma, "
+                                 "dtype.")
+            data = dict(value)
+        else:
+            data = {k: getattr(value, k) for k in ("direction", "scale", "stable_gamma", "dtype") if hasattr(value, k)}
+        data["scale"] = SCALE_ALIASES.get(data.get("scale", "stable"), data.get("scale", "stable"))
+        options = cls(**data)
+        _check_lora_ga_fields(options)
+        return options

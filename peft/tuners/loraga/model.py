@@ -1,0 +1,130 @@
+"""`LoraGAModel`: LoRA layers initialised from the estimated gradient (arXiv 2407.05000, Algorithm 1).
+
+For each adapted layer with weight W (viewed as (m, n) = (out, in)) and gradient G: A, B from the SVD of G
+(`init_math.lora_ga_factors`), stored in the adapter's dtype, then `W <- W - s B A` computed in fp32 from A and B
+as stored and rounded once, so the model's output is unchanged at init. The gradients come from the open
+`LoraGAContext` (or `preprocess_loraga`) for the model; nothing is kept on the layers afterwards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..lora.layer import LoraLayer
+from ..lora.model import LoraModel
+from . import quant
+from .config import LoraGAInitOptions
+from .context import active_gradients, consume_gradient, normalize_name
+from .init_math import check_rank, lora_ga_factors, offset_weight
+
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+# --- views of a layer's weight and factors as the (m, n) / (r, n) / (m, r) matrices of the paper ---------------
+def _kind(layer: LoraLayer) -> str:
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if isinstance(base, nn.Conv2d):
+        return "conv2d"
+    return "conv1d" if layer.fan_in_fan_out else "linear"
+
+
+def to_matrix(stored: torch.Tensor, kind: str) -> torch.Tensor:
+    """Stored weight (or gradient) -> (m, n): Conv1D / Embedding transpose, Conv2d flattens the kernel."""
+    if kind in ("conv1d", "embedding"):
+        return stored.T
+    if kind == "conv2d":
+        return stored.flatten(1)
+    return stored
+
+
+def from_matrix(matrix: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_matrix`: (m, n) -> the stored layout of `like`."""
+    if kind in ("conv1d", "embedding"):
+        return matrix.T.contiguous()
+    return matrix.reshape(like.shape)
+
+
+def factor_params(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored A and B tensors of `adapter_name` (Embedding: the ParameterDict entries)."""
+    if adapter_name in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+
+
+def _float_weight(base: nn.Module) -> torch.Tensor:
+    return quant.dequantize(base) if quant.is_quantized(base) else base.weight.data
+
+
+def init_layer(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
+               name: str = "this layer") -> None:
+    """Set A, B of `adapter_name` on `layer` from `grad` (shaped like the stored weight) and offset the base."""
+    base, kind = layer.get_base_layer(), _kind(layer)
+    weight = _float_weight(base)  # stored layout
+    if tuple(grad.shape) != tuple(weight.shape):
+        raise ValueError(f"The gradient for {name!r} has shape {tuple(grad.shape)}, its weight {tuple(weight.shape)}.")
+    r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
+    W = to_matrix(weight, kind)  # (m, n)
+    check_rank(r, *W.shape, name=repr(name))
+    compute = _DTYPES[options.dtype]
+    G = to_matrix(grad.to(device=weight.device), kind)
+    A, B = lora_ga_factors(G, r, scaling, options.direction, options.scale, options.stable_gamma,
+                           weight=W if options.scale == "weightS" else None, compute_dtype=compute)
+    param_A, param_B = factor_params(layer, adapter_name)
+    with torch.no_grad():
+        param_A.copy_(A.reshape(param_A.shape))  # rounded to the adapter's dtype here ...
+        param_B.copy_(B.reshape(param_B.shape))
+        stored_A, stored_B = param_A.reshape(r, -1), param_B.reshape(-1, r)  # ... and used as stored below
+        if quant.is_quantized(base):
+            delta = scaling * (stored_B.float() @ stored_A.float())  # (m, n) == (out, in) for bnb Linear
+            quant.requantize_residual(base, delta)
+        else:
+            new_W = offset_weight(W, stored_A, stored_B, scaling)  # (m, n), rounded once to W's dtype
+            base.weight.data = from_matrix(new_W, kind, base.weight)
+
+
+def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
+    """Shared by `LoraGAModel` and `LoraModel(init_lora_weights="lora_ga")`: look up the gradient of module `key`
+    for `tuner.model` and initialise. Without any waiting gradients the layer keeps LoRA's plain init (a warning
+    says so: that is what loading saved weights does)."""
+    grads = active_gradients(tuner.model)
+    if grads is None:
+        if not getattr(tuner, "_warned_no_gradients", False):
+            warnings.warn("No LoraGAContext is open for this model (and no preprocess_loraga gradients wait): the "
+                          "adapter keeps LoRA's default init and the base weights are not offset. That is right when "
+                          "loading saved weights; to initialise LoRA-GA, call get_peft_model inside LoraGAContext.")
+            tuner._warned_no_gradients = True
+        return
+    name = normalize_name(key)
+    if name not in grads:
+        sample = sorted(grads)[:5]
+        raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover {len(grads)} modules "
+                         f"(e.g. {sample}). Estimate with the same model and targets (peft_config=...).")
+    options = LoraGAInitOptions.from_any(config.lora_ga_config if _is_upstream_spelling(config) else config)
+    init_layer(layer, adapter_name, grads[name], options, name=key)
+    consume_gradient(tuner.model, key)
+
+
+def _is_upstream_spelling(config) -> bool:
+    return getattr(config, "init_lora_weights", None) == "lora_ga" and not hasattr(config, "direction")
+
+
+class LoraGAModel(LoraModel):
+    """LoRA model whose new adapters are initialised by LoRA-GA (gradients from the open `LoraGAContext`)."""
+
+    prefix: str = "lora_"
+
+    def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
+        init_from_gradients(self, layer, config, adapter_name, key)
+
+
+def layer_factors(layer: LoraLayer, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) of `adapter_name` on `layer` as stored, or None when the layer does not carry it."""
+    if adapter_name not in layer.lora_A and adapter_name not in layer.lora_embedding_A:
+        return None
+    return factor_params(layer, adapter_name)

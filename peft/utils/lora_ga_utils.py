@@ -1,0 +1,264 @@
+"""LoRA-GA helpers (Wang, Yu, Li 2024, arXiv 2407.05000): gradient estimation, the context that hands the gradients
+to `get_peft_model`, the two saves, and the estimation dataloader.
+
+    named_grad = estimate_gradient(model=model, dataloader=dataloader, accelerator=accelerator, quant_flag=False)
+    with LoraGAContext(model=model, named_grad=named_grad):
+        model = get_peft_model(model=model, peft_config=LoraGAConfig(...), adapter_name="default")
+    save_loraga_model_init(model, save_dir=save_dir)
+    ... train ...
+    save_loraga_model_final(model, save_dir=save_dir)   # a plain rank-2r LoRA for the ORIGINAL base weights
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import warnings
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..tuners.loraga.context import LoraGAContext, normalize_name, unwrap_model
+from ..tuners.loraga.data import estimation_batches, estimation_dataloader
+from ..tuners.loraga.offload import block_offload
+from ..tuners.loraga.saving import INIT_SUBFOLDER, save_loraga_model_final, save_loraga_model_init
+
+__all__ = [
+    "INIT_SUBFOLDER",
+    "LoraGAContext",
+    "estimate_gradient",
+    "estimation_batches",
+    "estimation_dataloader",
+    "save_loraga_model_final",
+    "save_loraga_model_init",
+    "supported_weight_modules",
+]
+
+_MACHINERY = ("original_module", "modules_to_save")
+
+
+def _supported(module: nn.Module) -> bool:
+    """Layers LoRA can wrap: float nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv2d (groups=1)."""
+    if isinstance(module, nn.Embedding):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        weight = getattr(module, "weight", None)
+        return isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
+    return False
+
+
+def _resolve_config(model: nn.Module, peft_config):
+    """A copy of `peft_config` with `target_modules` filled in the way LoraModel does it (defaults, all-linear)."""
+    from ..tuners.lora.model import LoraModel
+    from ..tuners.tuners_utils import _model_config_dict
+
+    config = copy.deepcopy(peft_config)
+    helper = LoraModel.__new__(LoraModel)
+    nn.Module.__init__(helper)
+    helper.model = model
+    return helper._prepare_adapter_config(config, _model_config_dict(model))
+
+
+def supported_weight_modules(model: nn.Module, peft_config=None) -> dict[str, nn.Module]:
+    """Normalized module name -> module, for every layer whose weight LoRA can adapt (or only `peft_config`'s
+    targets). Adapter layers (`lora_*`, `modules_to_save` copies) never count; a wrapped layer counts once."""
+    from ..tuners.target_matching import is_target
+
+    plain = unwrap_model(model)
+    config = _resolve_config(plain, peft_config) if peft_config is not None else None
+    found: dict[str, nn.Module] = {}
+    for name, module in plain.named_modules():
+        parts = name.split(".")
+        if any(p.startswith("lora_") or p in _MACHINERY for p in parts) or not _supported(module):
+            continue
+        key = normalize_name(name)
+        if config is not None and not is_target(config, key):
+            continue
+        found[key] = module
+    return found
+
+
+def _loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", out)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise ValueError("The model returned no scalar loss for an estimation batch; include `labels` in the "
+                         "batches (or make the model return the loss).")
+    return loss
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class _Accumulator:
+    """fp32 running sums of the weight gradients, filled by post-accumulate-grad hooks (each `.grad` is consumed
+    and cleared right away, so at most one batch's gradient of a weight exists at a time)."""
+
+    def __init__(self, modules: dict[str, nn.Module], on_cpu: bool) -> None:
+        self.params: dict[int, nn.Parameter] = {}
+        self.names: dict[int, list[str]] = {}
+        for name, module in modules.items():
+            self.params[id(module.weight)] = module.weight
+            self.names.setdefault(id(module.weight), []).append(name)
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+        self.on_cpu = on_cpu
+
+    def hook(self, param: torch.Tensor) -> None:
+        grad = param.grad.detach()
+        grad = grad.to("cpu", torch.float32) if self.on_cpu else grad.to(torch.float32)
+        key = id(param)
+        self.sums[key] = grad.clone() if key not in self.sums else self.sums[key].add_(grad.to(self.sums[key].device))
+        self.counts[key] = self.counts.get(key, 0) + 1
+        param.grad = None
+
+    def result(self, count: Optional[int] = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, param in self.params.items():
+            total = self.sums.get(key)
+            if total is None:
+                total = torch.zeros(param.shape, dtype=torch.float32, device="cpu" if self.on_cpu else param.device)
+            divisor = count if count is not None else self.counts.get(key, 1)
+            for name in self.names[key]:
+                out[name] = total / max(divisor, 1)
+        return out
+
+
+def _all_reduce_mean(named: dict[str, torch.Tensor], count: int, device: Optional[torch.device]) -> dict:
+    """Average over processes, weighting each by its number of batches (= one process on all batches)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return named
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    out = {}
+    for name in sorted(named):
+        summed = (named[name] * count).to(device)
+        dist.all_reduce(summed)
+        out[name] = (summed / total.item()).to(named[name].device)
+    return out
+
+
+def estimate_gradient(
+    model: nn.Module, dataloader: Iterable, accelerator=None, quant_flag: bool = False, origin_type: str = "bf16",
+    quant_type: str = "nf4", no_split_module_classes: Optional[Sequence[str]] = None, peft_config=None,
+    iters: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """Module name -> average over the batches of `dL/dW` for that module's weight (shaped like the stored weight,
+    fp32, on the CPU): the `G` of LoRA-GA (arXiv 2407.05000, eq. 8). Runs forward+backward on at most `iters`
+    batches (default: `peft_config.iters` if given, else all), in train mode, with gradients on the adaptable
+    weights only (every supported layer, or the targets of `peft_config`), and all-reduces the mean across
+    processes. `requires_grad`, train/eval modes, existing `.grad`s and hooks are restored on exit.
+
+    `quant_flag=True` runs the float model block by block with CPU offload (see `peft.tuners.loraga.offload`):
+    same gradients, an accelerator footprint of one chunk of blocks plus activations."""
+    from tqdm.auto import tqdm
+
+    if iters is None and peft_config is not None:
+        iters = getattr(peft_config, "iters", None)
+    if iters is not None and (not isinstance(iters, int) or iters <= 0):
+        raise ValueError(f"Invalid iters={iters!r}: expected a positive int or None.")
+    plain = unwrap_model(accelerator.unwrap_model(model) if accelerator is not None else model)
+    modules = supported_weight_modules(plain, peft_config)
+    if not modules:
+        raise ValueError("No layer to estimate gradients for: the model has no Linear/Conv1D/Embedding/Conv2d "
+                         "weight" + (" matching peft_config's targets." if peft_config is not None else "."))
+    device = _exec_device(plain, accelerator)
+    main = accelerator.is_main_process if accelerator is not None else _rank() == 0
+    count = 0
+    offload = block_offload(plain, device, no_split_module_classes, origin_type, quant_type) if quant_flag \
+        else contextlib.nullcontext()
+    with capture_gradients(plain, modules, on_cpu=quant_flag) as acc, offload:
+        batches = itertools.islice(dataloader, iters) if iters is not None else dataloader
+        total = iters if iters is not None else _len_or_none(dataloader)
+        for batch in tqdm(batches, total=total, desc="Estimating gradients (LoRA-GA)", disable=not main):
+            loss = _loss_of(model, _to_device(batch, device))
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
+            count += 1
+    if count == 0:
+        raise ValueError("The estimation dataloader yielded no batch; LoRA-GA needs at least one.")
+    named = _all_reduce_mean(acc.result(count), count, getattr(accelerator, "device", None))
+    silent = [n for n in named if acc.sums.get(id(modules[n].weight)) is None]
+    if silent:
+        warnings.warn(f"No gradient reached {silent[:5]}{' ...' if len(silent) > 5 else ''}; their entries are zero.")
+    return {name: grad.cpu() for name, grad in named.items()}
+
+
+@contextlib.contextmanager
+def capture_gradients(model: nn.Module, modules: dict[str, nn.Module], on_cpu: bool = False):
+    """Inside: only the weights of `modules` require grad, the model is in train mode, and every backward pass
+    adds those weights' gradients (fp32) to the yielded `_Accumulator` instead of `.grad`. On exit (also on error)
+    `requires_grad`, `.grad`, train/eval flags and hooks are as before."""
+    acc = _Accumulator(modules, on_cpu=on_cpu)
+    state = _freeze_all_but(model, acc.params)
+    handles = [p.register_post_accumulate_grad_hook(acc.hook) for p in acc.params.values()]
+    try:
+        model.train()
+        with torch.enable_grad():
+            yield acc
+    finally:
+        for handle in handles:
+            handle.remove()
+        _restore(model, state)
+
+
+def _len_or_none(obj) -> Optional[int]:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _exec_device(model: nn.Module, accelerator) -> torch.device:
+    if accelerator is not None:
+        return accelerator.device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _freeze_all_but(model: nn.Module, keep: dict[int, nn.Parameter]) -> dict:
+    """Snapshot of requires_grad, .grad and train flags; then only the weights in `keep` require grad."""
+    params = list(model.parameters())
+    state = {
+        "requires_grad": [(p, p.requires_grad) for p in params],
+        "grad": [(p, p.grad) for p in params],
+        "training": [(m, m.training) for m in model.modules()],
+    }
+    for p in params:
+        p.grad = None
+        p.requires_grad_(id(p) in keep)
+    return state
+
+
+def _restore(model: nn.Module, state: dict) -> None:
+    for p, flag in state["requires_grad"]:
+        p.requires_grad_(flag)
+    for p, grad in state["grad"]:
+        p.grad = grad
+    for m, flag in state["training"]:
+        m.training = flag
