@@ -1,0 +1,231 @@
+"""LoRA-Pro math (Wang, Liang, He, Wang, Tan, ICLR 2025, arXiv 2407.18242) as small pure tensor functions.
+
+Notation: the adapted weight is `W' = W + s B A` with `A` (r, n), `B` (m, r), scale `s`; `g = dL/dW` (m, n) is
+never formed by the training code. Plain LoRA gradients are `gA = s B^T g` (r, n) and `gB = s g A^T` (m, r)
+(paper eq. 3). One step along `(gA', gB')` moves W, to first order, by the *equivalent gradient*
+
+    g~ = s B gA' + s gB' A                                                              (paper eq. 5)
+
+LoRA-Pro picks `gA', gB'` minimising `|| g~ - g ||_F` (Theorem 2.1):
+
+    gA' = (1/s^2) (B^T B)^-1 gA + X A
+    gB' = (1/s^2) (I - B (B^T B)^-1 B^T) gB (A A^T)^-1 - B X                            (paper eq. 8)
+
+for any r x r matrix X; `g~` is then the projection of `g` onto the tangent space of the rank-r matrices at `BA`,
+`P_B g + (I - P_B) g P_A`, whatever X is. X is chosen to keep `(gA', gB')` closest to `(gA, gB)` (Theorem 2.3):
+
+    (B^T B) X + X (A A^T) = -(1/s^2) (B^T B)^-1 gA A^T                                  (paper eq. 10)
+
+Numerics (all r x r work is done in fp32 at least; float64 stays float64):
+
+- the Gram matrices `B^T B`, `A A^T` get `damping * I` added and are inverted through their symmetric
+  eigendecompositions; eigenvalues at or below `max(r * eps * lambda_max, sqrt(tiny))` count as zero (a
+  pseudo-inverse), so a zero B (the first step after LoRA's init) gives exactly `gA' = 0`,
+  `gB' = (1/s^2) gB (A A^T)^-1`, and a rank-deficient A or a tiny B gives finite numbers;
+- the projector is applied as `Y - B ((B^T B)^-1 (B^T Y))`: no m x m matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+XMode = Literal["sylvester", "zero", "symmetric"]
+X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetric")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are computed in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --- r x r Gram matrices ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grams:
+    """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (r, r) / (r,))."""
+
+    qb: torch.Tensor  # (r, r)
+    lb: torch.Tensor  # (r,)
+    qa: torch.Tensor  # (r, r)
+    la: torch.Tensor  # (r,)
+
+    def inv_b(self, y: torch.Tensor) -> torch.Tensor:
+        """`(B^T B + dI)^+ y` for y (r, k)."""
+        return self.qb @ (_pinv_values(self.lb)[:, None] * (self.qb.T @ y))
+
+    def inv_a_right(self, y: torch.Tensor) -> torch.Tensor:
+        """`y (A A^T + dI)^+` for y (k, r)."""
+        return ((y @ self.qa) * _pinv_values(self.la)[None, :]) @ self.qa.T
+
+
+def _floor(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues at or below this count as zero: `max(r * eps * scale, sqrt(tiny))`."""
+    info = torch.finfo(values.dtype)
+    return torch.clamp(values.shape[0] * info.eps * scale, min=math.sqrt(info.tiny))
+
+
+def _pinv_values(lam: torch.Tensor) -> torch.Tensor:
+    """`1 / lam` where lam is above the floor, 0 elsewhere (pseudo-inverse of a symmetric PSD matrix)."""
+    keep = lam > _floor(lam, lam.max())
+    return torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+
+
+def _sym_eig(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    gram = 0.5 * (gram + gram.T)  # exact symmetry for eigh
+    lam, q = torch.linalg.eigh(gram)
+    return lam.clamp(min=0.0) + damping, q
+
+
+def grams(A: torch.Tensor, B: torch.Tensor, damping: float = 0.0) -> Grams:
+    """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (r, n), B (m, r), same compute dtype."""
+    lb, qb = _sym_eig(B.T @ B, damping)
+    la, qa = _sym_eig(A @ A.T, damping)
+    return Grams(qb=qb, lb=lb, qa=qa, la=la)
+
+
+def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
+    """X (r, r) with `(B^T B + dI) X + X (A A^T + dI) = C` (paper eq. 10 when C is its right-hand side).
+
+    With both Grams diagonalised, `X = Qb [(Qb^T C Qa)_ij / (lb_i + la_j)] Qa^T`; a denominator at or below the
+    floor (both Grams singular in that direction) gives 0 there: the minimum-norm least-squares solution."""
+    denom = g.lb[:, None] + g.la[None, :]  # (r, r)
+    keep = denom > _floor(denom, denom.max())
+    inv = torch.where(keep, 1.0 / torch.where(keep, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+    return g.qb @ ((g.qb.T @ C @ g.qa) * inv) @ g.qa.T
+
+
+# --- gradients ---------------------------------------------------------------------------------------------------
+def lora_gradients(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA gradients a full gradient g (m, n) induces: `gA = s B^T g` (r, n), `gB = s g A^T` (m, r) (eq. 3)."""
+    return s * (B.T @ g), s * (g @ A.T)
+
+
+def project_out_b(B: torch.Tensor, g: Grams, Y: torch.Tensor) -> torch.Tensor:
+    """`(I - B (B^T B)^+ B^T) Y` for Y (m, k), as `Y - B ((B^T B)^+ (B^T Y))`: no (m, m) matrix."""
+    return Y - B @ g.inv_b(B.T @ Y)
+
+
+def choose_x(
+    A: torch.Tensor, gA: torch.Tensor, s: float, g: Grams, x_mode: XMode = "sylvester"
+) -> torch.Tensor:
+    """The free r x r matrix X of eq. 8.
+
+    - "sylvester": the solution of eq. 10 (Theorem 2.3): `(gA', gB')` closest to `(gA, gB)` in Frobenius norm.
+    - "zero": X = 0 (A takes the whole `P_B g` part of the update, B the rest).
+    - "symmetric": `X = -(1/(2 s^2)) (B^T B)^-1 gA A^T (A A^T)^-1`, which splits the part of the update that both
+      factors can produce, `P_B g P_A`, equally between `s B gA'` and `s gB' A`.
+    """
+    if x_mode == "zero":
+        return torch.zeros_like(g.qb)
+    rhs = -(1.0 / s**2) * g.inv_b(gA @ A.T)  # (r, r)
+    if x_mode == "sylvester":
+        return solve_sylvester(g, rhs)
+    if x_mode == "symmetric":
+        return 0.5 * g.inv_a_right(rhs)
+    raise ValueError(f"Invalid x_mode={x_mode!r}: expected one of {X_MODES}.")
+
+
+def adjusted_gradients(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
+    x_mode: XMode = "sylvester", damping: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-Pro's adjusted gradients (paper eq. 8 with X from `choose_x`): returns `(gA' (r, n), gB' (m, r))`.
+
+    Inputs may be any float dtype; the result is in `compute_dtype` (fp32, or fp64 for fp64 inputs)."""
+    dtype = compute_dtype(A, B, gA, gB)
+    A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
+    g = grams(A, B, damping)
+    X = choose_x(A, gA, s, g, x_mode)  # (r, r)
+    new_gA = g.inv_b(gA) / s**2 + X @ A  # (r, n)
+    new_gB = g.inv_a_right(project_out_b(B, g, gB)) / s**2 - B @ X  # (m, r)
+    return new_gA, new_gB
+
+
+def equivalent_gradient(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float
+) -> torch.Tensor:
+    """`g~ = s B gA + s gB A` (m, n): the first-order change of W per unit step along (gA, gB) (paper eq. 5)."""
+    dtype = compute_dtype(A, B, gA, gB)
+    return s * (B.to(dtype) @ gA.to(dtype)) + s * (gB.to(dtype) @ A.to(dtype))
+
+
+def projected_gradient(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float, damping: float = 0.0
+) -> torch.Tensor:
+    """The equivalent gradient of the adjusted gradients (m, n), from the plain LoRA gradients alone.
+
+    Equals `P_B g + (I - P_B) g P_A` (the tangent-space projection of g) and does not depend on X, so it is
+    computed with X = 0: `(1/s) B (B^T B)^-1 gA + (1/s) (I - P_B) gB (A A^T)^-1 A`."""
+    new_gA, new_gB = adjusted_gradients(A, B, gA, gB, s, "zero", damping)
+    return equivalent_gradient(A, B, new_gA, new_gB, s)
+
+
+# --- Adam ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdamHyper:
+    """AdamW hyperparameters of one step: learning rate, betas, eps, decoupled weight decay."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+def adam_direction(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: int, hp: AdamHyper
+) -> torch.Tensor:
+    """Update the fp32 moments in place with `grad` and return `U = m_hat / (sqrt(v_hat) + eps)`.
+
+    `m <- b1 m + (1 - b1) grad`, `v <- b2 v + (1 - b2) grad^2`, `m_hat = m / (1 - b1^t)`, `v_hat = v / (1 - b2^t)`
+    with `t = step` counted from 1 (the bias correction is exact at the first step)."""
+    if step < 1:
+        raise ValueError(f"Invalid step={step!r}: expected a step count starting at 1.")
+    grad = grad.to(exp_avg.dtype)
+    exp_avg.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
+    exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1.0 - hp.beta2)
+    m_hat = exp_avg / (1.0 - hp.beta1**step)
+    v_hat = exp_avg_sq / (1.0 - hp.beta2**step)
+    return m_hat / (v_hat.sqrt() + hp.eps)
+
+
+def decoupled_update(param: torch.Tensor, direction: torch.Tensor, hp: AdamHyper) -> torch.Tensor:
+    """`p - lr (direction + weight_decay p)` in the compute dtype (AdamW's decoupled weight decay)."""
+    p = param.to(direction.dtype)
+    return p - hp.lr * (direction + hp.weight_decay * p)
+
+
+def full_mode_step(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, hp: AdamHyper,
+    x_mode: XMode = "sylvester", damping: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the paper's Algorithm 2 (LoRA-Pro with AdamW): returns the new `(A, B)` in the compute dtype.
+
+    1. `g~` = the equivalent gradient of the adjusted `(gA, gB)` (m, n);
+    2. Adam moments of `g~` in the full (m, n) space (fp32; updated in place), `U = m_hat / (sqrt(v_hat) + eps)`;
+    3. U is treated as the full gradient: `gA_U = s B^T U`, `gB_U = s U A^T`, adjusted again (eq. 8, X per x_mode);
+    4. `A <- A - lr (gA_U' + wd A)`, `B <- B - lr (gB_U' + wd B)`."""
+    g_tilde = projected_gradient(A, B, gA, gB, s, damping)  # (m, n)
+    U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp).to(g_tilde.dtype)  # (m, n)
+    A_c, B_c = A.to(U.dtype), B.to(U.dtype)
+    uA, uB = lora_gradients(A_c, B_c, U, s)
+    new_gA, new_gB = adjusted_gradients(A_c, B_c, uA, uB, s, x_mode, damping)
+    return decoupled_update(A_c, new_gA, hp), decoupled_update(B_c, new_gB, hp)
+
+
+def efficient_mode_step(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
+    moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], step: int, hp: AdamHyper,
+    x_mode: XMode = "sylvester", damping: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adjust once (eq. 8), then ordinary AdamW on each factor: LoRA's memory (moments (r, n) and (m, r)).
+
+    `moments` = (exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B), fp32, updated in place."""
+    new_gA, new_gB = adjusted_gradients(A, B, gA, gB, s, x_mode, damping)
+    dir_A = adam_direction(moments[0], moments[1], new_gA, step, hp).to(new_gA.dtype)
+    dir_B = adam_direction(moments[2], moments[3], new_gB, step, hp).to(new_gB.dtype)
+    return decoupled_update(A, dir_A, hp), decoupled_update(B, dir_B, hp)

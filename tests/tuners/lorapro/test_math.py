@@ -1,0 +1,231 @@
+"""LoRA-Pro math in float64 on tiny random shapes, against brute-force solves (`torch.linalg.lstsq` on the
+vectorised systems) and closed forms built with explicit (test-only) m x m projectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft.tuners.lorapro import math as lp
+
+F64 = torch.float64
+
+
+def _problem(m=5, n=4, r=2, s=2.0, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, n, generator=gen, dtype=F64)
+    B = torch.randn(m, r, generator=gen, dtype=F64)
+    g = torch.randn(m, n, generator=gen, dtype=F64)
+    gA, gB = lp.lora_gradients(A, B, g, s)
+    return tuple(t.to(dtype) for t in (A, B, g, gA, gB))
+
+
+def _projectors(A, B):
+    """Test-only dense projectors: P_B (m, m) onto col(B), P_A (n, n) onto row(A)."""
+    return B @ torch.linalg.pinv(B), torch.linalg.pinv(A) @ A
+
+
+def _lift_matrix(A, B, s):
+    """M with M @ [vec(gA'); vec(gB')] = vec(s B gA' + s gB' A) (row-major vec), built column by column."""
+    r, n = A.shape
+    m = B.shape[0]
+    cols = []
+    for k in range(r * n + m * r):
+        e = torch.zeros(r * n + m * r, dtype=F64)
+        e[k] = 1.0
+        ga, gb = e[: r * n].reshape(r, n), e[r * n:].reshape(m, r)
+        cols.append(lp.equivalent_gradient(A, B, ga, gb, s).flatten())
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("x_mode", lp.X_MODES)
+def test_adjusted_gradients_solve_least_squares(x_mode):
+    A, B, g, gA, gB = _problem()
+    s = 2.0
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, x_mode)
+    M = _lift_matrix(A, B, s)
+    sol = torch.linalg.lstsq(M, g.flatten().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    best = M @ sol
+    ours = lp.equivalent_gradient(A, B, new_gA, new_gB, s).flatten()
+    torch.testing.assert_close(ours, best, atol=1e-10, rtol=1e-10)
+
+
+def test_sylvester_x_is_the_closest_least_squares_solution():
+    """Among all least-squares solutions (sol0 + null space of M), ours is nearest to the plain (gA, gB)."""
+    s = 1.5
+    A, B, g, gA, gB = _problem(m=6, n=5, r=2, s=s, seed=1)
+    M = _lift_matrix(A, B, s)
+    sol0 = torch.linalg.lstsq(M, g.flatten().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    U, S, Vh = torch.linalg.svd(M)
+    null = Vh[(S > 1e-10).sum():].T  # (rn + mr, k)
+    plain = torch.cat([gA.flatten(), gB.flatten()])
+    z = torch.linalg.lstsq(null, (plain - sol0).unsqueeze(1)).solution.squeeze(1)
+    closest = sol0 + null @ z
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, "sylvester")
+    torch.testing.assert_close(torch.cat([new_gA.flatten(), new_gB.flatten()]), closest, atol=1e-9, rtol=1e-9)
+    # and the other modes are strictly farther (for random data)
+    dist = (torch.cat([new_gA.flatten(), new_gB.flatten()]) - plain).norm()
+    for mode in ("zero", "symmetric"):
+        other = torch.cat([t.flatten() for t in lp.adjusted_gradients(A, B, gA, gB, s, mode)])
+        assert (other - plain).norm() > dist
+
+
+def test_sylvester_residual_and_kron_solve():
+    A, B, _, gA, _ = _problem(m=6, n=5, r=3, seed=2)
+    s, damping = 2.0, 0.0
+    gr = lp.grams(A, B, damping)
+    C = torch.randn(3, 3, dtype=F64)
+    X = lp.solve_sylvester(gr, C)
+    BtB, AAt = B.T @ B, A @ A.T
+    torch.testing.assert_close(BtB @ X + X @ AAt, C, atol=1e-10, rtol=1e-10)
+    eye = torch.eye(3, dtype=F64)
+    K = torch.kron(BtB, eye) + torch.kron(eye, AAt.T.contiguous())  # row-major vec: vec(PX) = (P kron I) vec(X)
+    x_ref = torch.linalg.solve(K, C.flatten()).reshape(3, 3)
+    torch.testing.assert_close(X, x_ref, atol=1e-10, rtol=1e-10)
+    # the X used by "sylvester" mode solves eq. 10
+    X10 = lp.choose_x(A, gA, s, gr, "sylvester")
+    rhs = -(1 / s**2) * torch.linalg.inv(BtB) @ gA @ A.T
+    torch.testing.assert_close(BtB @ X10 + X10 @ AAt, rhs, atol=1e-10, rtol=1e-10)
+
+
+def test_equivalent_gradient_is_the_tangent_projection_and_independent_of_x():
+    s = 0.7
+    A, B, g, gA, gB = _problem(m=7, n=6, r=2, s=s, seed=3)
+    PB, PA = _projectors(A, B)
+    expected = PB @ g + (torch.eye(7, dtype=F64) - PB) @ g @ PA
+    for mode in lp.X_MODES:
+        new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, mode)
+        torch.testing.assert_close(lp.equivalent_gradient(A, B, new_gA, new_gB, s), expected, atol=1e-10, rtol=0)
+    # any X: (gA' + XA, gB' - BX) has the same equivalent gradient
+    X = torch.randn(2, 2, dtype=F64)
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, "zero")
+    torch.testing.assert_close(lp.equivalent_gradient(A, B, new_gA + X @ A, new_gB - B @ X, s), expected)
+    torch.testing.assert_close(lp.projected_gradient(A, B, gA, gB, s), expected, atol=1e-10, rtol=0)
+    # a projection: projecting g~ again changes nothing
+    pA, pB = lp.lora_gradients(A, B, expected, s)
+    torch.testing.assert_close(lp.projected_gradient(A, B, pA, pB, s), expected, atol=1e-10, rtol=0)
+
+
+def test_symmetric_x_splits_the_shared_part_equally():
+    A, B, g, gA, gB = _problem(seed=4)
+    s = 2.0
+    PB, PA = _projectors(A, B)
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, "symmetric")
+    shared = PB @ g @ PA
+    torch.testing.assert_close(s * B @ new_gA, PB @ g - 0.5 * shared, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s * new_gB @ A, g @ PA - PB @ g @ PA - 0.5 * shared + shared, atol=1e-10, rtol=0)
+
+
+def test_w_update_does_not_depend_on_s():
+    A, B, g, _, _ = _problem(seed=5)
+    updates = []
+    for s in (0.25, 2.0, 16.0):
+        gA, gB = lp.lora_gradients(A, B, g, s)
+        new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s)
+        updates.append(lp.equivalent_gradient(A, B, new_gA, new_gB, s))
+        # a real (small) step: W changes by -lr g~ + O(lr^2), whatever s is
+        lr = 1e-7
+        dW = s * ((B - lr * new_gB) @ (A - lr * new_gA) - B @ A) / -lr
+        torch.testing.assert_close(dW, updates[0], atol=1e-5, rtol=0)
+    for u in updates[1:]:
+        torch.testing.assert_close(u, updates[0], atol=1e-10, rtol=0)
+
+
+def test_full_rank_a_gives_the_full_gradient():
+    A, B, g, gA, gB = _problem(m=6, n=3, r=3, seed=6)  # A square, invertible
+    for mode in lp.X_MODES:
+        new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, 2.0, mode)
+        torch.testing.assert_close(lp.equivalent_gradient(A, B, new_gA, new_gB, 2.0), g, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_equivalent_gradient_is_a_descent_direction(seed):
+    A, B, g, gA, gB = _problem(m=6, n=5, r=2, s=3.0, seed=seed)
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, 3.0)
+    g_tilde = lp.equivalent_gradient(A, B, new_gA, new_gB, 3.0)
+    assert (g * g_tilde).sum() >= 0
+    torch.testing.assert_close((g * g_tilde).sum(), (g_tilde * g_tilde).sum())  # <g, Pg> = |Pg|^2
+
+
+def test_zero_b_guard():
+    A, _, g, _, _ = _problem(seed=7)
+    B = torch.zeros(5, 2, dtype=F64)
+    s = 2.0
+    gA, gB = lp.lora_gradients(A, B, g, s)
+    for mode in lp.X_MODES:
+        for damping in (0.0, 1e-8):
+            new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, mode, damping)
+            assert torch.equal(new_gA, torch.zeros_like(new_gA))
+            expected = gB @ torch.linalg.inv(A @ A.T + damping * torch.eye(2, dtype=F64)) / s**2
+            torch.testing.assert_close(new_gB, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.parametrize("case", ["tiny_b", "rank_deficient_a", "zero_grads", "zero_a_and_b"])
+def test_no_nan_or_inf(dtype, case):
+    A, B, g, _, _ = _problem(m=6, n=5, r=3, seed=8)
+    if case == "tiny_b":
+        B = B * 1e-20
+    elif case == "rank_deficient_a":
+        A = torch.cat([A[:2], A[:1] * 2.0])
+    elif case == "zero_a_and_b":
+        A, B = torch.zeros_like(A), torch.zeros_like(B)
+    if case == "zero_grads":
+        g = torch.zeros_like(g)
+    A, B, g = A.to(dtype), B.to(dtype), g.to(dtype)
+    gA, gB = lp.lora_gradients(A.float(), B.float(), g.float(), 2.0)
+    gA, gB = gA.to(dtype), gB.to(dtype)
+    for mode in lp.X_MODES:
+        for damping in (0.0, 1e-8):
+            outs = lp.adjusted_gradients(A, B, gA, gB, 2.0, mode, damping)
+            assert all(torch.isfinite(o).all() for o in outs), (mode, damping)
+            assert outs[0].dtype == lp.compute_dtype(A)
+            if case == "zero_grads":
+                assert all(not o.any() for o in outs)
+
+
+def test_bf16_inputs_match_fp64_reference():
+    A, B, g, gA, gB = _problem(seed=9)
+    ref = lp.adjusted_gradients(A, B, gA, gB, 2.0)
+    low = [t.to(torch.bfloat16) for t in (A, B, gA, gB)]
+    ours = lp.adjusted_gradients(*low, 2.0)
+    exact_on_rounded = lp.adjusted_gradients(*[t.double() for t in low], 2.0)
+    for o, e in zip(ours, exact_on_rounded):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o.double(), e, atol=1e-4, rtol=1e-4)
+    assert all(torch.isfinite(o).all() for o in ours) and len(ref) == 2
+
+
+def test_adam_direction_bias_correction_from_step_one():
+    g = torch.tensor([[2.0, -3.0], [0.5, 0.0]], dtype=F64)
+    hp = lp.AdamHyper(lr=0.1, eps=1e-8)
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    U = lp.adam_direction(m, v, g, 1, hp)
+    torch.testing.assert_close(U, g / (g.abs() + 1e-8))
+    g2 = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    U2 = lp.adam_direction(m, v, g2, 2, hp)
+    m_ref = (0.9 * 0.1 * g + 0.1 * g2) / (1 - 0.9**2)
+    v_ref = (0.999 * 0.001 * g**2 + 0.001 * g2**2) / (1 - 0.999**2)
+    torch.testing.assert_close(U2, m_ref / (v_ref.sqrt() + 1e-8))
+    with pytest.raises(ValueError, match="step=0"):
+        lp.adam_direction(m, v, g, 0, hp)
+
+
+def test_full_mode_step_first_step_from_zero_b():
+    """Step 1 after LoRA's init (B = 0): W moves by -lr U P_A, U = sign(g P_A) (Adam's first step)."""
+    A, _, g, _, _ = _problem(seed=10)
+    B = torch.zeros(5, 2, dtype=F64)
+    s, hp = 2.0, lp.AdamHyper(lr=1e-3, eps=0.0)
+    gA, gB = lp.lora_gradients(A, B, g, s)
+    m, v = torch.zeros(5, 4, dtype=F64), torch.zeros(5, 4, dtype=F64)
+    new_A, new_B = lp.full_mode_step(A, B, gA, gB, s, m, v, 1, hp)
+    _, PA = _projectors(A, B)
+    U = torch.sign(g @ PA)
+    torch.testing.assert_close(new_A, A)
+    torch.testing.assert_close(s * (new_B @ new_A - B @ A), -hp.lr * U @ PA, atol=1e-12, rtol=0)
+
+
+def test_invalid_x_mode():
+    A, B, _, gA, gB = _problem()
+    with pytest.raises(ValueError, match="x_mode='nope'"):
+        lp.adjusted_gradients(A, B, gA, gB, 2.0, "nope")
