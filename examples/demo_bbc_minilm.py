@@ -30,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: make `bbc_demo` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bbc_demo import report  # noqa: E402
-from bbc_demo.methods import DEFAULT_LRS, LABELS, METHODS, SWEEP_LRS, available  # noqa: E402
+from bbc_demo import sweep as sweep_mod  # noqa: E402
+from bbc_demo.methods import DEFAULT_LRS, METHODS, available  # noqa: E402
 from bbc_demo.runner import run_one  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +172,7 @@ def write_results(args, rows: list[dict], table: list[str], meta: dict) -> None:
         f"(forward, backward, optimizer) after the first; `train peak MiB` the peak resident memory during "
         f"training minus the resident memory just before it ({how}), i.e. what gradients, optimizer state and "
         "activations add on top of the loaded model.", "",
-        "## Results", "", *table, "", "![loss curves](loss_curves.png)", "",
+        "## Results", "", *table, "", f"![loss curves]({os.path.relpath(args.plot, args.results.parent)})", "",
         "## What this says about the papers' claims", "",
         *(report.claims(rows, args.steps) or ["- (LoRA-GA / LoRA-Pro did not run.)"]), "",
         "## Learning rates", "", LR_NOTE, "",
@@ -188,30 +189,21 @@ LR_NOTE = (
 
 
 def sweep(args, methods: list[str], argv: list[str] | None) -> list[dict]:
-    """Every method at each learning rate of its grid; pick the lowest validation loss; write docs/lr_sweep.md."""
-    jobs = [_job(args, m, lr, s, "val") for m in methods for lr in SWEEP_LRS[m] for s in args.seed_list]
-    results = run_jobs(jobs, args.inline)
-    lines = ["| method | lr | val loss | val acc % | final train loss | chosen |", "|---|---|---|---|---|---|"]
-    for m in methods:
-        runs = [r for r in results if r["method"] == m]
-        by_lr = {lr: [r for r in runs if r["lr"] == lr] for lr in SWEEP_LRS[m]}
-        score = {lr: sum(r["eval_loss"] for r in rs) / len(rs) for lr, rs in by_lr.items()}
-        best = min(score, key=score.get)
-        for lr, rs in by_lr.items():
-            acc = 100 * sum(r["accuracy"] for r in rs) / len(rs)
-            final = sum(report.loss_at(r["losses"], args.steps) for r in rs) / len(rs)
-            lines.append(f"| {LABELS[m]} | {lr:g} | {score[lr]:.4f} | {acc:.1f} | {final:.3f} | "
-                         f"{'**yes**' if lr == best else ''} |")
+    """Every method at each learning rate of its grid, scored on the validation split; skips runs already recorded
+    in docs/lr_sweep.json and rewrites docs/lr_sweep.md from all recorded runs of this setting."""
+    jobs = sweep_mod.grid_jobs(methods, args.seed_list, lambda m, lr, s: _job(args, m, lr, s, "val"))
+    record = None if args.smoke else args.results.parent / "lr_sweep.json"
+    records = sweep_mod.run_sweep(jobs, lambda todo: run_jobs(todo, args.inline), record, command_line(argv))
+    if args.smoke:
+        lines, _ = sweep_mod.table(records)
+    else:
+        all_records = [r for r in sweep_mod.load_records(record)
+                       if (r["steps"], r["batch_size"], r["max_length"]) == (args.steps, args.batch_size,
+                                                                              args.max_length)]
+        setting = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length}
+        lines = sweep_mod.write_markdown(args.results.parent / "lr_sweep.md", all_records, setting, args.seed_list)
     print("\n".join(lines))
-    if not args.smoke:
-        path = args.results.parent / "lr_sweep.md"
-        path.write_text("\n".join([
-            "# Learning-rate sweep for the demo", "", f"    {command_line(argv)}", "", *report.machine_lines(), "",
-            f"{args.steps} steps, batch {args.batch_size} x {args.max_length} tokens, seeds {args.seed_list}; "
-            "selection by validation loss (the validation split is disjoint from train and test).", "",
-            *lines, ""]))
-        print(f"wrote {path}")
-    return results
+    return records
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ DEFAULT_LRS: dict[str, float] = {
     "lorapro_efficient": 1e-4,
 }
 
-# Sweep grid: each method's candidates (a factor ~2-3 apart around the usual range for that method).
+# Sweep grid: four rates per method, factors of about 3 (the first three-point grid put every optimum at its top).
 SWEEP_LRS: dict[str, list[float]] = {
-    "full": [3e-5, 1e-4, 3e-4],
-    "lora": [3e-4, 1e-3, 3e-3],
-    "rslora": [1.5e-4, 5e-4, 1.5e-3],
-    "loraga": [3e-5, 1e-4, 3e-4],
-    "lorapro_full": [3e-5, 1e-4, 3e-4],
-    "lorapro_efficient": [3e-5, 1e-4, 3e-4],
+    "full": [3e-5, 1e-4, 3e-4, 1e-3],
+    "lora": [3e-4, 1e-3, 3e-3, 1e-2],
+    "rslora": [1.5e-4, 5e-4, 1.5e-3, 5e-3],
+    "loraga": [3e-5, 1e-4, 3e-4, 1e-3],
+    "lorapro_full": [3e-5, 1e-4, 3e-4, 1e-3],
+    "lorapro_efficient": [3e-5, 1e-4, 3e-4, 1e-3],
 }
 
 

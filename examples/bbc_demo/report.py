@@ -119,6 +119,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:
@@ -128,6 +129,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss (mean of last {SMOOTH} steps)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
