@@ -16,12 +16,14 @@ from .peft_model_tasks import (
 )
 from .registry import register_peft_method
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lorapro import LoraProConfig, LoraProModel
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
+register_peft_method(name="lorapro", config_cls=LoraProConfig, model_cls=LoraProModel, prefix="lora_")
 register_peft_method(name="loraga", config_cls=LoraGAConfig, model_cls=LoraGAModel, prefix="lora_")
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "LoraGAConfig",
     "LoraGAModel",
     "LoraModel",
+    "LoraProConfig",
+    "LoraProModel",
     "PeftConfig",
     "PeftMixedModel",
     "PeftModel",

@@ -1,0 +1,7 @@
+"""LoRA-Pro tuner type (Wang et al., ICLR 2025, arXiv 2407.18242): LoRA layers carrying adjusted gradients."""
+
+from .config import LoraProConfig
+from .layer import Conv2d, Embedding, Linear, LoraProLayer, LoraProOptions
+from .model import LoraProModel
+
+__all__ = ["Conv2d", "Embedding", "Linear", "LoraProConfig", "LoraProLayer", "LoraProModel", "LoraProOptions"]
