@@ -63,20 +63,28 @@ def get_peft_model_state_dict(
         if file_key is not None:
             out[file_key] = value
     for key in _bias_keys(model, state_dict, getattr(config, "bias", "none")):
-        out[key.replace(".base_layer.", ".")] = state_dict[key]
+        out[key] = state_dict[key]  # upstream keeps `.base_layer.` in the key of an adapted layer's bias
     return out
 
 
 def _file_key_to_model_key(file_key: str, adapter_name: str, reverse: dict, model_keys: set) -> Optional[str]:
-    """Where an on-disk key goes in the model's state dict (None when nothing there takes it)."""
+    """Where an on-disk key goes in the model's state dict (None when nothing there takes it).
+
+    Besides adapter tensors: a bias under `<path>.bias` (older files of this fork) goes to `<path>.base_layer.bias`;
+    a key naming a model tensor verbatim loads into it, as upstream does (its `save_embedding_layers` stores
+    `<embedding>.base_layer.weight`; `bias="all"` stores `<module>.base_layer.bias` and `original_module` biases);
+    upstream's redundant `<module>.modules_to_save.<param>` (bias="all") is read as `<module>.<param>`.
+    """
     if file_key in reverse:
         return reverse[file_key]
     if file_key.endswith(".bias"):
         base_bias = file_key[: -len(".bias")] + ".base_layer.bias"
-        for candidate in (base_bias, file_key):
-            if candidate in model_keys:
-                return candidate
-    return None
+        if base_bias in model_keys:
+            return base_bias
+    if file_key in model_keys:
+        return file_key
+    alias = file_key.replace(".modules_to_save.", ".", 1)
+    return reverse.get(alias) if alias != file_key else None
 
 
 def set_peft_model_state_dict(
@@ -95,6 +103,8 @@ def set_peft_model_state_dict(
     targets, unexpected, mismatched, skipped = {}, [], [], set()
     for file_key, tensor in peft_model_state_dict.items():
         key = _file_key_to_model_key(file_key, adapter_name, reverse, model_keys)
+        if key in targets or key in skipped:  # an alias of a key already read (upstream's duplicates)
+            continue
         if key is None:
             unexpected.append(file_key)
         elif tuple(model_state[key].shape) != tuple(tensor.shape):

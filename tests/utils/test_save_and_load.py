@@ -60,8 +60,8 @@ def test_adapter_name_is_not_in_the_keys_and_weights_move_between_names():
 def test_bias_entries(bias):
     state = get_peft_model_state_dict(_custom(bias=bias, modules_to_save=None))
     biases = {k.removeprefix("base_model.model.") for k in state if k.endswith("bias")}
-    assert biases == {"none": set(), "lora_only": {"conv.bias", "lin1.bias"},
-                      "all": {"conv.bias", "lin1.bias", "lin2.bias"}}[bias]
+    assert biases == {"none": set(), "lora_only": {"conv.base_layer.bias", "lin1.base_layer.bias"},
+                      "all": {"conv.base_layer.bias", "lin1.base_layer.bias", "lin2.bias"}}[bias]
 
 
 def test_set_state_dict_checks_everything_before_copying():
