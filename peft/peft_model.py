@@ -80,12 +80,12 @@ class PeftModel(nn.Module):
 
     # --- parameters ---------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; 4-bit packed weights count twice their stored elements."""
+        """(trainable, total) parameter counts; a 4-bit weight stores two values per byte of its storage dtype."""
         trainable, total = 0, 0
         for param in self.parameters():
             n = param.numel()
             if type(param).__name__ == "Params4bit":
-                n *= 2
+                n *= 2 * param.element_size()  # uint8 storage: 2 values per element; bf16 storage: 4
             total += n
             trainable += n if param.requires_grad else 0
         return trainable, total

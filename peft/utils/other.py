@@ -107,24 +107,33 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
 ) -> nn.Module:
-    """Get a (quantized) model ready for adapter training, in place.
+    """Get a (quantized) model ready for adapter training, in place (upstream's name and arguments).
 
-    Freezes every parameter, casts fp16/bf16 non-quantized parameters (norms, embeddings, head) to fp32 for
-    stable training, makes the input embeddings' output require grad (so checkpointed blocks backpropagate into
-    the adapters), and optionally turns on gradient checkpointing (non-reentrant by default).
+    1. Freezes every parameter (the adapters added afterwards are the only trainable ones).
+    2. Casts every plain fp16/bf16 parameter (norms, embeddings, head) to fp32 for stable training; quantized
+       bitsandbytes weights (`Params4bit`, whose storage may be bf16, and `Int8Params`) are left as they are.
+    3. With `use_gradient_checkpointing`: makes the input embeddings' output require grad (so a checkpointed
+       block with reentrant checkpointing still backpropagates into its adapters) and turns on gradient
+       checkpointing with `gradient_checkpointing_kwargs` (passed to `torch.utils.checkpoint`; `use_reentrant`
+       defaults to False).
     """
-    quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    checkpointing = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # transformers 5 / 4
+    enable = next((getattr(model, n) for n in checkpointing if hasattr(model, n)), None)
+    if use_gradient_checkpointing and enable is None:
+        raise ValueError(
+            f"use_gradient_checkpointing=True but {type(model).__name__} has no gradient_checkpointing_enable(); "
+            "expected a transformers PreTrainedModel, or pass use_gradient_checkpointing=False."
+        )
     for param in model.parameters():
         param.requires_grad_(False)
-    if quantized:
-        for param in model.parameters():
-            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ == "Parameter":
-                param.data = param.data.to(torch.float32)
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param) is nn.Parameter:
+            param.data = param.data.to(torch.float32)
     if use_gradient_checkpointing:
+        kwargs = dict(gradient_checkpointing_kwargs) if gradient_checkpointing_kwargs is not None else {}
+        kwargs.setdefault("use_reentrant", False)
         _enable_input_grads(model)
-        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable(kwargs)  # first positional argument: the checkpoint kwargs, under either name
     return model
 
 

@@ -14,6 +14,11 @@ from .layer import Linear
 Dispatcher = Callable[..., Optional[nn.Module]]
 
 
+class UnsupportedTargetError(ValueError):
+    """Raised by a dispatcher that recognises a target's family but has no LoRA layer for it (the remaining
+    dispatchers are not tried); `create_lora_module` re-raises it naming the module and its type."""
+
+
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config, **kwargs) -> Optional[nn.Module]:
     """Plain PyTorch / transformers layers: Embedding, Conv2d, Linear, GPT-2's Conv1D."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
@@ -39,11 +44,16 @@ DISPATCHERS: list[Dispatcher] = [dispatch_default]
 
 
 def create_lora_module(target: nn.Module, adapter_name: str, lora_config, key: str, **kwargs) -> nn.Module:
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     for dispatch in DISPATCHERS:
-        module = dispatch(target, adapter_name, lora_config, **kwargs)
+        try:
+            module = dispatch(target, adapter_name, lora_config, **kwargs)
+        except UnsupportedTargetError as err:
+            raise ValueError(
+                f"Target module {key!r} of type {type(base).__module__}.{type(base).__name__}: {err}"
+            ) from None
         if module is not None:
             return module
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     raise ValueError(
         f"Target module {key!r} of type {type(base).__module__}.{type(base).__name__} has no LoRA layer; "
         "supported: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, transformers Conv1D, "
