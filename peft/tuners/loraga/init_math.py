@@ -18,6 +18,7 @@ import torch
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weightS")
 SVD_METHODS = ("auto", "exact", "randomized")
+EXACT_SVD_MAX_DIM = 1024  # "auto" SVD: exact up to this min(m, n), randomized above (as the reference)
 
 Direction = Literal["ArB2r", "A2rBr", "ArBr", "random"]
 Scale = Literal["stable", "gd", "unit", "weightS"]
@@ -36,12 +37,13 @@ def top_svd(matrix: torch.Tensor, k: int, method: str = "auto", niter: int = 4):
     """Top-k singular triplets of `matrix` (m, n): U (m, k), S (k,), Vh (k, n), S descending.
 
     "exact" uses `torch.linalg.svd`; "randomized" `torch.svd_lowrank` with `q = min(2k, m, n)` (for k = 2r this is
-    the `q = min(4r, m, n)` of the reference); "auto" picks exact when q would already be `min(m, n)`."""
+    the `q = min(4r, m, n)` of the reference); "auto" is exact when `min(m, n) <= EXACT_SVD_MAX_DIM` (cheap there)
+    or when q would already be `min(m, n)`, randomized otherwise."""
     if method not in SVD_METHODS:
         raise ValueError(f"Invalid svd method {method!r}: expected one of {SVD_METHODS}.")
     m, n = matrix.shape
     q = min(2 * k, m, n)
-    if method == "exact" or (method == "auto" and q == min(m, n)):
+    if method == "exact" or (method == "auto" and (q == min(m, n) or min(m, n) <= EXACT_SVD_MAX_DIM)):
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     else:
         U, S, V = torch.svd_lowrank(matrix, q=q, niter=niter)
@@ -110,7 +112,8 @@ def lora_ga_factors(
     if scale == "weightS":
         if weight is None:
             raise ValueError("scale='weightS' needs the base weight W.")
-        _, sigma_W, _ = top_svd(weight.to(compute_dtype), r, svd)
+        _, sigma_W, _ = top_svd(weight.to(compute_dtype), 2 * r, svd)  # q = 4r oversampling when randomized
+        sigma_W = sigma_W[:r]
     factor = scale_factor(scale, m, scaling, stable_gamma, sigma_W)
     return (A * factor).contiguous(), (B * factor).contiguous()
 

@@ -1,0 +1,122 @@
+"""estimate_gradient: equals a hand-written computation, honours iters / peft_config, leaves no trace, and the
+offload path and 2-process DDP (gloo) give the plain path's gradients; the estimation dataloader helpers."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from peft import LoraGAConfig
+from peft.utils.lora_ga_utils import estimate_gradient, estimation_batches, estimation_dataloader
+from tests.tuners.loraga.helpers import Mixed, llama, mixed_batches, token_batches
+
+
+def _manual(model, batches, names):
+    """Average over batches of dL/dW computed with autograd.grad on a copy's weights (fp64 for reference)."""
+    model = model.double().train()
+    params = {n: model.get_submodule(n).weight for n in names}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for batch in batches:
+        loss = model(**batch).loss if hasattr(model(**batch), "loss") else model(**batch)["loss"]
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for n, g in zip(params, grads):
+            total[n] += g
+    return {n: t / len(batches) for n, t in total.items()}
+
+
+def test_matches_manual_computation_and_restores_state():
+    model, batches = llama(), token_batches(3)
+    embed = model.model.embed_tokens.weight
+    embed.requires_grad_(False)
+    embed.grad = torch.ones_like(embed)  # a leftover .grad survives
+    hooks_before = len(model.model.layers[0].self_attn.q_proj.weight._post_accumulate_grad_hooks or {})
+    model.eval()
+    grads = estimate_gradient(model, batches)
+    assert not model.training and all(not m.training for m in model.modules())
+    assert embed.requires_grad is False and torch.equal(embed.grad, torch.ones_like(embed))
+    assert all(p.grad is None for n, p in model.named_parameters() if "embed" not in n)
+    assert len(model.model.layers[0].self_attn.q_proj.weight._post_accumulate_grad_hooks or {}) == hooks_before
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert sorted(grads) == sorted(names)  # every adaptable weight, no norms, no biases
+    assert all(g.dtype == torch.float32 and g.device.type == "cpu" for g in grads.values())
+    expected = _manual(llama(), batches, names)
+    for name in names:
+        torch.testing.assert_close(grads[name].double(), expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_iters_and_peft_config_targets():
+    model, batches = llama(), token_batches(3)
+    config = LoraGAConfig(target_modules=["q_proj"], iters=1)
+    grads = estimate_gradient(model, batches, peft_config=config)
+    assert sorted(grads) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    one = estimate_gradient(model, batches[:1], peft_config=LoraGAConfig(target_modules=["q_proj"], iters=5))
+    for name in grads:
+        torch.testing.assert_close(grads[name], one[name])
+    two = estimate_gradient(model, batches, iters=2, peft_config=config)  # explicit iters wins
+    assert not torch.allclose(two["model.layers.0.self_attn.q_proj"], one["model.layers.0.self_attn.q_proj"])
+
+
+def test_every_layer_type_and_errors():
+    model, batches = Mixed(), mixed_batches()
+    grads = estimate_gradient(model, batches)
+    assert {k: tuple(v.shape) for k, v in grads.items()} == {
+        "emb": (20, 12), "proj": (12, 16), "conv": (6, 4, 3, 3), "head": (5, 24)}
+    with pytest.raises(ValueError, match="no batch"):
+        estimate_gradient(model, [])
+    with pytest.raises(ValueError, match="no scalar loss"):
+        estimate_gradient(model, [{"input_ids": batches[0]["input_ids"]}])
+    assert all(p.requires_grad for p in model.parameters())  # restored after the failure too
+    with pytest.raises(ValueError, match="iters=0"):
+        estimate_gradient(model, batches, iters=0)
+
+
+def test_offload_path_equals_plain_path():
+    batches = token_batches(2)
+    plain = estimate_gradient(llama(), batches)
+    model = llama()
+    offload = estimate_gradient(model, batches, quant_flag=True, origin_type="bf16", quant_type="nf4",
+                                no_split_module_classes=["LlamaDecoderLayer"])
+    assert sorted(offload) == sorted(plain)
+    for name in plain:
+        torch.testing.assert_close(offload[name], plain[name], rtol=1e-6, atol=1e-7)
+    assert "forward" not in vars(model.model.layers[0]) and model.config.use_cache is not False
+    with pytest.raises(ValueError, match="origin_type='int3'"):
+        estimate_gradient(model, batches, quant_flag=True, origin_type="int3")
+    with pytest.raises(ValueError, match="No module of class"):
+        estimate_gradient(model, batches, quant_flag=True, no_split_module_classes=["Nope"])
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        batches = token_batches(4)[rank * 2:(rank + 1) * 2]
+        grads = estimate_gradient(llama(), batches)
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_on_combined_batches():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{i}.pt"), weights_only=True) for i in range(2)]
+    single = estimate_gradient(llama(), token_batches(4))
+    for name, grad in single.items():
+        for got in ranks:
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_estimation_dataloader_uses_bsz_iters_max_length():
+    config = LoraGAConfig(bsz=3, iters=2, max_length=5)
+    data = [{"input_ids": list(range(i, i + 4 + i % 4)), "labels": list(range(i, i + 4 + i % 4))} for i in range(10)]
+    batches = estimation_batches(data, config)
+    assert len(batches) == 2 and all(b["input_ids"].shape[0] == 3 for b in batches)
+    assert max(b["input_ids"].shape[1] for b in batches) == 5
+    loader = estimation_dataloader(data, config, shuffle=True, seed=1)
+    assert len(list(loader)) == 2
+    grads = estimate_gradient(llama(), estimation_dataloader(
+        [{"input_ids": torch.arange(8) % 64, "labels": torch.arange(8) % 64}] * 4, config))
+    assert grads
