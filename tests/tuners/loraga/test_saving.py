@@ -1,0 +1,138 @@
+"""The final LoRA-GA adapter is a plain rank-2r LoRA that reproduces the trained model on the ORIGINAL base, in
+this package and in upstream PEFT 0.21.2; the model in memory stays usable after the final save."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from peft import LoraGAConfig, PeftModel, get_peft_model
+from peft.utils.lora_ga_utils import (
+    INIT_SUBFOLDER,
+    LoraGAContext,
+    estimate_gradient,
+    save_loraga_model_final,
+    save_loraga_model_init,
+)
+from tests.tuners.loraga.helpers import llama, token_batches
+from tests.upstream_harness import UpstreamUnavailable, run_upstream
+
+CASES = {
+    "rslora_patterns": (dict(target_modules=["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, use_rslora=True,
+                             rank_pattern={"down_proj": 3}, alpha_pattern={"q_proj": 6}), "ga"),
+    "embedding_head": (dict(target_modules=["embed_tokens", "q_proj", "lm_head"], r=2, lora_alpha=4), "default"),
+}
+
+UPSTREAM_SCRIPT = """
+import json, sys, torch
+from transformers import LlamaForCausalLM
+from peft import PeftModel
+work = sys.argv[1]
+ids = torch.load(f"{work}/ids.pt", weights_only=True)
+out = {}
+for case in json.load(open(f"{work}/cases.json")):
+    base = LlamaForCausalLM.from_pretrained(f"{work}/base", dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, f"{work}/{case}").eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, f"{work}/{case}_upstream.pt")
+    out[case] = type(model.peft_config["default"]).__name__
+emit(out)
+"""
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _train(model, batches, steps=3, lr=0.5):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def flows(tmp_path_factory):
+    """Each case: estimate, init, save init, train, save final. Returns the work folder and per-case facts."""
+    work = tmp_path_factory.mktemp("loraga_final")
+    llama().save_pretrained(work / "base")
+    batches, ids = token_batches(3), token_batches(1, seed=9)[0]["input_ids"]
+    torch.save(ids, work / "ids.pt")
+    facts = {}
+    for case, (kwargs, adapter) in CASES.items():
+        model = llama()
+        original = _logits(model, ids)
+        grads = estimate_gradient(model, batches)
+        with LoraGAContext(model=model, named_grad=grads):
+            peft_model = get_peft_model(model, LoraGAConfig(**kwargs), adapter_name=adapter)
+        save_loraga_model_init(peft_model, save_dir=str(work / case))
+        _train(peft_model, batches)
+        trained = _logits(peft_model, ids)
+        state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+        save_loraga_model_final(peft_model, save_dir=str(work / case))
+        facts[case] = dict(model=peft_model, original=original, trained=trained, state=state, kwargs=kwargs)
+    (work / "cases.json").write_text(json.dumps(list(CASES)))
+    return work, ids, facts
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_final_config_is_plain_lora_rank_2r(flows, case):
+    work, _, facts = flows
+    config = json.loads((work / case / "adapter_config.json").read_text())
+    kwargs = facts[case]["kwargs"]
+    assert config["peft_type"] == "LORA" and config["init_lora_weights"] is True
+    assert config["r"] == 2 * kwargs["r"]
+    factor = math.sqrt(2) if kwargs.get("use_rslora") else 2
+    assert config["lora_alpha"] == pytest.approx(factor * kwargs["lora_alpha"])
+    assert config["rank_pattern"] == {k: 2 * v for k, v in kwargs.get("rank_pattern", {}).items()}
+    assert config["alpha_pattern"] == pytest.approx({k: factor * v for k, v in kwargs.get("alpha_pattern", {}).items()})
+    assert not any(k in config for k in ("direction", "bsz", "stable_gamma"))
+    assert os.path.isdir(work / case / INIT_SUBFOLDER)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_final_adapter_reproduces_trained_model_here(flows, case):
+    work, ids, facts = flows
+    trained, original = facts[case]["trained"], facts[case]["original"]
+    assert (trained - original).abs().max() > 1e-3  # training moved the model
+    reloaded = PeftModel.from_pretrained(llama(), str(work / case))
+    torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_final_adapter_reproduces_trained_model_in_upstream(flows):
+    work, _, facts = flows
+    try:
+        result = run_upstream(UPSTREAM_SCRIPT, args=[str(work)])
+    except UpstreamUnavailable as exc:
+        if os.environ.get("PEFT_UPSTREAM_OPTIONAL") == "1":
+            pytest.skip(f"upstream peft unavailable: {exc}")
+        raise
+    assert result.data == {case: "LoraConfig" for case in CASES}
+    for case in CASES:
+        got = torch.load(work / f"{case}_upstream.pt", weights_only=True)
+        torch.testing.assert_close(got, facts[case]["trained"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_model_in_memory_untouched_and_still_trains(flows, case):
+    _, ids, facts = flows
+    model = facts[case]["model"]
+    for key, value in model.state_dict().items():  # no second offset, adapter not deleted
+        torch.testing.assert_close(value, facts[case]["state"][key], rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, ids), facts[case]["trained"], rtol=0, atol=0)
+    _train(model, token_batches(1), steps=1)
+    assert (_logits(model, ids) - facts[case]["trained"]).abs().max() > 0
+
+
+def test_final_without_init_is_a_clear_error(tmp_path):
+    model = llama()
+    with LoraGAContext(model=model, named_grad=estimate_gradient(model, token_batches(1))):
+        peft_model = get_peft_model(model, LoraGAConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(FileNotFoundError, match="save_loraga_model_init"):
+        save_loraga_model_final(peft_model, save_dir=str(tmp_path))
