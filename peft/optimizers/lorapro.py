@@ -1,0 +1,270 @@
+"""LoRA-Pro optimizers: `LoraProAdamW` (a `torch.optim.Optimizer` built from the model), `register_lorapro_adjustment`
+(LoRA-Pro gradients for any torch optimizer, e.g. SGD: the paper's Algorithm 1) and the seed API `AdamWLoRAPro`.
+
+The adjustment happens inside `step()` (or the step pre-hook), so it runs once per optimizer step: after gradient
+accumulation, after DDP has averaged the gradients and after gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..tuners.lorapro import math as lp
+from ..tuners.lorapro.config import MODES, validate_options
+from .pairs import LoraProPair, lorapro_pairs, pairs_from_parameters
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _validate_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    def bad(name: str, value: Any, expected: str) -> ValueError:
+        return ValueError(f"Invalid {name}={value!r}: expected {expected}.")
+
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise bad("lr", lr, "a finite number >= 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise bad("betas", betas, "a pair of numbers in [0, 1)")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise bad("eps", eps, "a finite number >= 0")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise bad("weight_decay", weight_decay, "a finite number >= 0")
+
+
+def _hyper(group: dict, lr_scale: float) -> lp.AdamHyper:
+    beta1, beta2 = group["betas"]
+    return lp.AdamHyper(group["lr"] * lr_scale, beta1, beta2, group["eps"], group["weight_decay"])
+
+
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    if param.grad is None:
+        return torch.zeros_like(param)
+    if param.grad.is_sparse:
+        raise ValueError("LoRA-Pro optimizers do not support sparse gradients.")
+    return param.grad
+
+
+class LoraProAdamW(Optimizer):
+    """AdamW with LoRA-Pro's adjusted gradients for the A/B factors of a LoRA-Pro model.
+
+    Args:
+        model: the model (a `PeftModel` from `get_peft_model(model, LoraProConfig(...))`, or any module holding
+            LoRA-Pro layers). A and B are paired by the layers that own them.
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW`; weight decay is decoupled (`p <- p - lr wd p`) on A, B
+            and on every other trainable parameter.
+        mode, x_mode, damping: override the adapters' `LoraProConfig` options (None: each adapter's own).
+
+    Every trainable parameter of `model` that is not a LoRA-Pro factor (a classifier head, biases) is updated as
+    plain AdamW in the same optimizer. Moments are fp32 (fp64 for fp64 parameters), created at the first step,
+    and round-trip through `state_dict()` / `load_state_dict()`. Modes (per pair):
+
+    - "full": the paper's Algorithm 2: Adam moments of the equivalent gradient `g~` in the (m, n) space, the Adam
+      direction U is treated as the full gradient and adjusted (`lp.full_mode_step`); state on A: `exp_avg`,
+      `exp_avg_sq` of shape (m, n).
+    - "efficient": adjust the gradients, then AdamW on each factor (`lp.efficient_mode_step`): LoRA's memory.
+    """
+
+    def __init__(
+        self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0.0, *, mode: Optional[str] = None, x_mode: Optional[str] = None,
+        damping: Optional[float] = None,
+    ) -> None:
+        pairs = lorapro_pairs(model)
+        factor_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+        others, seen = [], set()
+        for param in model.parameters():
+            if param.requires_grad and id(param) not in factor_ids and id(param) not in seen:
+                seen.add(id(param))
+                others.append(param)
+        self._setup(pairs, others, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                        mode=mode, x_mode=x_mode, damping=damping))
+
+    def _setup(self, pairs: list[LoraProPair], others: list[torch.Tensor], defaults: dict) -> None:
+        _validate_hyper(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        _validate_overrides(defaults["mode"], defaults["x_mode"], defaults["damping"])
+        groups = [{"params": [p for pair in pairs for p in (pair.A, pair.B)], "lorapro": True}]
+        if others:
+            groups.append({"params": others, "lorapro": False})
+        super().__init__(groups, defaults)
+        self._pairs = pairs
+
+    @property
+    def pairs(self) -> list[LoraProPair]:
+        """The (layer, adapter, A, B) pairs this optimizer adjusts."""
+        return list(self._pairs)
+
+    def _lr_scale(self, step: int, group: dict) -> float:
+        """Multiplier of the group's lr at `step` (1-based); 1 here, a schedule in `AdamWLoRAPro`."""
+        return 1.0
+
+    def _options(self, pair: LoraProPair, group: dict) -> tuple[str, str, float]:
+        opts = pair.options
+        return (opts.mode if group["mode"] is None else group["mode"],
+                opts.x_mode if group["x_mode"] is None else group["x_mode"],
+                opts.damping if group["damping"] is None else group["damping"])
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One optimizer step: every pair with a gradient (LoRA-Pro), then the other parameters (AdamW)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for pair in self._pairs:
+            if pair.A.grad is None and pair.B.grad is None:
+                continue
+            self._step_pair(pair, group_of[id(pair.A)])
+        for group in self.param_groups:
+            if not group["lorapro"]:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        self._step_plain(param, group)
+        return loss
+
+    def _moments(self, param: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            for key in _MOMENTS:
+                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state
+
+    def _step_pair(self, pair: LoraProPair, group: dict) -> None:
+        mode, x_mode, damping = self._options(pair, group)
+        A, B = pair.layer.lorapro_matrices(pair.adapter_name)  # (r, n), (m, r)
+        gA, gB = _grad(pair.A).flatten(1), _grad(pair.B).flatten(1)
+        dtype = lp.compute_dtype(A, B)
+        s = pair.scaling
+        if mode == "full":
+            state = self._moments(pair.A, torch.Size((B.shape[0], A.shape[1])), dtype)
+            state["step"] += 1
+            hp = _hyper(group, self._lr_scale(state["step"], group))
+            new_A, new_B = lp.full_mode_step(A, B, gA, gB, s, state["exp_avg"], state["exp_avg_sq"],
+                                             state["step"], hp, x_mode, damping)
+        else:
+            state_A = self._moments(pair.A, A.shape, dtype)
+            state_B = self._moments(pair.B, B.shape, dtype)
+            state_A["step"] += 1
+            state_B["step"] = state_A["step"]
+            hp = _hyper(group, self._lr_scale(state_A["step"], group))
+            moments = (state_A["exp_avg"], state_A["exp_avg_sq"], state_B["exp_avg"], state_B["exp_avg_sq"])
+            new_A, new_B = lp.efficient_mode_step(A, B, gA, gB, s, moments, state_A["step"], hp, x_mode, damping)
+        pair.A.copy_(new_A.reshape(pair.A.shape))
+        pair.B.copy_(new_B.reshape(pair.B.shape))
+
+    def _step_plain(self, param: torch.Tensor, group: dict) -> None:
+        state = self._moments(param, param.shape, lp.compute_dtype(param))
+        state["step"] += 1
+        hp = _hyper(group, self._lr_scale(state["step"], group))
+        direction = lp.adam_direction(state["exp_avg"], state["exp_avg_sq"], _grad(param), state["step"], hp)
+        param.copy_(lp.decoupled_update(param, direction, hp))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As `Optimizer.load_state_dict`, but the moments keep their fp32 (fp64) dtype: torch would cast them to
+        the parameter's dtype (bf16 moments cannot represent v's decay)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, entry in saved.items():
+            param = params[int(index)]
+            for key in _MOMENTS:
+                if key in entry:
+                    self.state[param][key] = entry[key].to(device=param.device, dtype=lp.compute_dtype(entry[key]),
+                                                           copy=True)
+
+
+def _validate_overrides(mode: Optional[str], x_mode: Optional[str], damping: Optional[float]) -> None:
+    validate_options(mode if mode is not None else MODES[0], x_mode if x_mode is not None else lp.X_MODES[0],
+                     damping if damping is not None else 0.0)
+
+
+def register_lorapro_adjustment(
+    optimizer: Optimizer, model: nn.Module, x_mode: Optional[str] = None, damping: Optional[float] = None
+):
+    """Make any torch optimizer a LoRA-Pro optimizer: a step pre-hook replaces the gradients of the LoRA-Pro
+    factors by their adjusted gradients (paper eq. 8) right before each `optimizer.step()`. With SGD this is the
+    paper's Algorithm 1. Returns the hook's handle (`handle.remove()` uninstalls it)."""
+    if isinstance(optimizer, LoraProAdamW):
+        raise ValueError("LoraProAdamW already adjusts the gradients; registering the adjustment would do it twice.")
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"Expected a torch.optim.Optimizer, got {type(optimizer)!r}.")
+    _validate_overrides(None, x_mode, damping)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    pairs = []
+    for pair in lorapro_pairs(model):
+        has_A, has_B = id(pair.A) in in_optimizer, id(pair.B) in in_optimizer
+        if has_A != has_B:
+            raise ValueError(f"The optimizer holds only one factor of LoRA-Pro adapter {pair.adapter_name!r}; "
+                             "give it both A and B.")
+        if has_A:
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError("The optimizer holds no LoRA-Pro factor of this model.")
+
+    def adjust(opt: Optimizer, args: tuple, kwargs: dict) -> None:
+        with torch.no_grad():
+            for pair in pairs:
+                if pair.A.grad is None and pair.B.grad is None:
+                    continue
+                gA, gB = pair.layer.lorapro_adjusted_gradients(
+                    pair.adapter_name, _grad(pair.A), _grad(pair.B), x_mode, damping)
+                for param, new in ((pair.A, gA), (pair.B, gB)):
+                    if param.grad is None:
+                        param.grad = new.to(param.dtype)
+                    else:
+                        param.grad.copy_(new)
+
+    return optimizer.register_step_pre_hook(adjust)
+
+
+def seed_cosine_scale(step: int, T_max: int) -> float:
+    """The seed port's in-optimizer schedule: cosine from 1 to 0 over `T_max` steps, then restarts with the
+    period doubled (T_max, 2 T_max, 4 T_max, ...): `0.5 + 0.5 cos(pi k / period)`, k the step within the period."""
+    k, period = step - 1, T_max
+    while k >= period:
+        k -= period
+        period *= 2
+    return 0.5 + 0.5 * math.cos(math.pi * k / period)
+
+
+class AdamWLoRAPro(LoraProAdamW):
+    """The seed API: `AdamWLoRAPro(params, lr, weight_decay, T_max, scaling_factor)`, a `LoraProAdamW` over the
+    LoRA-Pro factors in `params` (paired by the layers that own them).
+
+    Args:
+        params: LoRA-Pro A/B parameters (e.g. `[p for p in model.parameters() if p.requires_grad]`). Frozen ones
+            are skipped; a parameter no LoRA-Pro layer owns, or whose partner is missing, is an error.
+        T_max: None (default) leaves the learning rate to the caller (a torch scheduler). An int turns on the
+            seed's built-in schedule, `lr * (0.5 + 0.5 cos(pi k / period))` with warm restarts whose period starts
+            at `T_max` steps and doubles at each restart (`seed_cosine_scale`). Do not combine it with a scheduler.
+        scaling_factor: the LoRA scale s the caller believes the layers use; None skips the check. It is only
+            checked: s is always read from each layer (rsLoRA included).
+    """
+
+    def __init__(
+        self, params: Iterable[torch.Tensor], lr: float = 1e-3, weight_decay: float = 0.01,
+        T_max: Optional[int] = None, scaling_factor: Optional[float] = None, *,
+        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, mode: Optional[str] = None,
+        x_mode: Optional[str] = None, damping: Optional[float] = None,
+    ) -> None:
+        if T_max is not None and (not isinstance(T_max, int) or isinstance(T_max, bool) or T_max < 1):
+            raise ValueError(f"Invalid T_max={T_max!r}: expected None or a positive int (steps).")
+        pairs = pairs_from_parameters(params)
+        if scaling_factor is not None:
+            for pair in pairs:
+                if not math.isclose(pair.scaling, scaling_factor, rel_tol=1e-6):
+                    raise ValueError(
+                        f"scaling_factor={scaling_factor!r} disagrees with the scale s={pair.scaling!r} of LoRA-Pro "
+                        f"adapter {pair.adapter_name!r} (lora_alpha / r, or / sqrt(r) with rsLoRA); s is read from "
+                        "the layers, pass scaling_factor=None or the right value."
+                    )
+        self._setup(pairs, [], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
+                                    x_mode=x_mode, damping=damping, T_max=T_max))
+
+    def _lr_scale(self, step: int, group: dict) -> float:
+        return 1.0 if group.get("T_max") is None else seed_cosine_scale(step, group["T_max"])

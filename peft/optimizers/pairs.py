@@ -1,0 +1,112 @@
+"""Find LoRA-Pro (A, B) pairs from the tuner layers that own them, never from names or parameter order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..tuners.lora.layer import LoraLayer
+from ..tuners.lorapro.layer import LoraProLayer, LoraProOptions, live_lorapro_layers
+
+
+@dataclass(frozen=True)
+class LoraProPair:
+    """One adapter of one LoRA-Pro layer: its factors A, B (parameters as stored) and the layer that owns them."""
+
+    layer: LoraProLayer
+    adapter_name: str
+    A: nn.Parameter
+    B: nn.Parameter
+
+    @property
+    def options(self) -> LoraProOptions:
+        return self.layer.lorapro_options[self.adapter_name]
+
+    @property
+    def scaling(self) -> float:
+        return self.layer.lorapro_scaling(self.adapter_name)
+
+
+def _layer_pairs(layer: LoraProLayer, where: str) -> list[LoraProPair]:
+    pairs = []
+    for name in layer.lorapro_options:
+        try:
+            A, B = layer.lorapro_factors(name)
+        except KeyError:  # adapter deleted since
+            continue
+        if A.requires_grad != B.requires_grad:
+            frozen = "A" if not A.requires_grad else "B"
+            raise ValueError(
+                f"LoRA-Pro adapter {name!r} of {where}: {frozen} is frozen but its partner is trainable; LoRA-Pro "
+                "updates A and B together (train both or freeze both)."
+            )
+        if A.requires_grad:
+            pairs.append(LoraProPair(layer, name, A, B))
+    return pairs
+
+
+def lorapro_pairs(model: nn.Module) -> list[LoraProPair]:
+    """Every trainable (A, B) pair of the LoRA-Pro layers of `model`, in module order.
+
+    Raises ValueError when `model` has no LoRA-Pro layer, when one factor of a pair is frozen and the other is not,
+    or when no pair is trainable."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Expected the model (an nn.Module) whose LoRA-Pro layers to train, got {type(model)!r}.")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraProLayer)]
+    if not layers:
+        plain = any(isinstance(m, LoraLayer) for m in model.modules())
+        hint = " It has plain LoRA layers: build it with LoraProConfig instead of LoraConfig." if plain else ""
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA-Pro layers; wrap it with get_peft_model(model, LoraProConfig(...))."
+            + hint
+        )
+    pairs = [p for name, layer in layers for p in _layer_pairs(layer, name or "the model")]
+    if not pairs:
+        raise ValueError(f"{type(model).__name__} has LoRA-Pro layers but none of their A/B factors is trainable.")
+    return _dedupe(pairs)
+
+
+def _dedupe(pairs: list[LoraProPair]) -> list[LoraProPair]:
+    """A layer reached twice (shared submodule) gives one pair."""
+    seen, out = set(), []
+    for pair in pairs:
+        if id(pair.A) not in seen:
+            seen.add(id(pair.A))
+            out.append(pair)
+    return out
+
+
+def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
+    """The pairs formed by `params` (trainable ones only), found through the live LoRA-Pro layers that own them.
+
+    Raises ValueError for a parameter that no LoRA-Pro layer owns, or whose partner factor is not in `params`."""
+    params = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
+    if not params:
+        raise ValueError("AdamWLoRAPro got no trainable parameters.")
+    owner: dict[int, tuple[LoraProPair, str]] = {}
+    for layer in live_lorapro_layers():
+        for pair in _layer_pairs(layer, type(layer).__name__):
+            owner[id(pair.A)], owner[id(pair.B)] = (pair, "A"), (pair, "B")
+    given = {id(p) for p in params}
+    pairs, seen = [], set()
+    for index, param in enumerate(params):
+        if id(param) not in owner:
+            raise ValueError(
+                f"Parameter #{index} (shape {tuple(param.shape)}) is not a factor of any LoRA-Pro layer, so it cannot "
+                "be paired; AdamWLoRAPro takes LoRA-Pro A/B factors only (use LoraProAdamW(model) to also train "
+                "other parameters)."
+            )
+        pair, role = owner[id(param)]
+        partner = pair.B if role == "A" else pair.A
+        if id(partner) not in given:
+            raise ValueError(
+                f"Parameter #{index} is the {role} factor of LoRA-Pro adapter {pair.adapter_name!r} but its partner "
+                f"{'B' if role == 'A' else 'A'} is not among the parameters; pass both."
+            )
+        if id(pair.A) not in seen:
+            seen.add(id(pair.A))
+            pairs.append(pair)
+    return pairs
