@@ -48,9 +48,12 @@ def build(args, path: str, device, dtype, batches, save_dir: str):
                           **common)
     estimation = [b for _, b in zip(range(args.ga_iters), rc.cycle(batches))]
     if args.quant == "4bit":  # estimate on the float model, offloaded block by block; initialise on the 4-bit one
-        float_model = mm.load_model(path, "none", dtype, torch.device("cpu"))
+        from accelerate import Accelerator
+
+        float_model = mm.load_model(path, "none", dtype, torch.device("cpu"))  # blocks visit the GPU in turn
         peft_model = rc.loraga_wrap(
             float_model, config, estimation, save_dir=save_dir, quant_model=model, quant_flag=True,
+            accelerator=Accelerator(cpu=device.type != "cuda"),
             origin_type="bf16" if dtype == torch.bfloat16 else "fp32", quant_type="nf4",
             no_split_module_classes=["LlamaDecoderLayer"])
         del float_model

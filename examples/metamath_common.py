@@ -132,11 +132,12 @@ def load_smoke(args):
 
 
 def smoke_model_dir(vocab_size: int, seed: int) -> str:
-    """Save a tiny random Llama (hidden 32, 2 blocks) to a temporary folder, so the smoke run loads it with
+    """Save a tiny random Llama (hidden 64, 2 blocks) to a temporary folder, so the smoke run loads it with
     `from_pretrained` exactly like the real model (bf16 or 4-bit)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # hidden 64: bitsandbytes' CPU inference path for 4-bit weights needs in_features >= its block size (64)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
