@@ -105,6 +105,7 @@ def test_final_adapter_reproduces_trained_model_here(flows, case):
     torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.upstream
 def test_final_adapter_reproduces_trained_model_in_upstream(flows):
     work, _, facts = flows
     try:
