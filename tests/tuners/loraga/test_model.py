@@ -195,7 +195,7 @@ def test_upstream_spelling_same_init():
     preprocess_loraga(model_b, config, train_step)
     theirs = get_peft_model(model_b, config)
     assert not _PENDING  # consumed by the init
-    for (key, la), (_, lb) in zip(ours.base_model.tuner_layers(), theirs.base_model.tuner_layers()):
+    for (_, la), (_, lb) in zip(ours.base_model.tuner_layers(), theirs.base_model.tuner_layers()):
         for x, y in zip(factor_params(la, "default"), factor_params(lb, "default")):
             torch.testing.assert_close(x.abs(), y.abs(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(la.get_base_layer().weight, lb.get_base_layer().weight, atol=1e-6, rtol=1e-5)
