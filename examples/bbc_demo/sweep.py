@@ -31,7 +31,8 @@ def run_sweep(jobs: list[dict], run_jobs: Callable[[list[dict]], list[dict]], pa
     records = load_records(path) if path else []
     done = {_key(r) for r in records}
     todo = [j for j in jobs if _key(j) not in done]
-    for job, result in zip(todo, run_jobs(todo)):
+    for job in todo:  # one at a time, recorded as soon as it finishes
+        (result,) = run_jobs([job])
         records.append({"method": job["method"], "lr": job["lr"], "seed": job["seed"],
                         **{k: job[k] for k in SETTING}, "eval_loss": result["eval_loss"],
                         "accuracy": result["accuracy"], "final_loss": report.loss_at(result["losses"], job["steps"]),
