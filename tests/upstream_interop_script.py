@@ -11,6 +11,11 @@
   `lora_B` is nonzero and a `modules_to_save` head differs from the base), save it to `up_adapter`, and write its
   logits to `up_own.pt` and the plain base's logits to `up_base.pt`.
 
+A case with a `second` config also has a second adapter named "second" (saved in the sub-folder `second/`): (a)
+loads it with `load_adapter` and writes `up_on_ours_second.pt`, (b) adds it and writes `up_own_second.pt`, both with
+"second" active. Model class `TinyNet` is a plain `nn.Module` (the same layers as `tests/helpers/tiny_models.py`'s,
+loaded from `model.safetensors`), for Conv2d and Embedding targets outside transformers.
+
 For every `unsupported` entry it saves an upstream adapter using a feature this fork lacks (e.g. DoRA).
 The emitted JSON also holds upstream's `LoraConfig` field names and where `peft` was imported from.
 """
@@ -18,12 +23,15 @@ The emitted JSON also holds upstream's `LoraConfig` field names and where `peft`
 import dataclasses
 import enum
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file
+from torch import nn
 
 import peft
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
@@ -45,7 +53,27 @@ def jsonable(value):
     return value
 
 
+class TinyNet(nn.Module):
+    """emb (64 x 8) -> conv 3x3 (8 -> 6) -> relu -> lin1 (96 -> 16) -> relu -> lin2 (16 -> 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 8)
+        self.conv = nn.Conv2d(8, 6, kernel_size=3, padding=1)
+        self.lin1 = nn.Linear(96, 16)
+        self.lin2 = nn.Linear(16, 5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids).permute(0, 3, 1, 2)
+        h = torch.relu(self.conv(h)).flatten(1)
+        return self.lin2(torch.relu(self.lin1(h)))
+
+
 def load_base(spec: dict) -> torch.nn.Module:
+    if spec["model_class"] == "TinyNet":
+        model = TinyNet()
+        model.load_state_dict(load_file(os.path.join(spec["base_dir"], "model.safetensors")))
+        return model.eval()
     cls = getattr(transformers, spec["model_class"])
     return cls.from_pretrained(spec["base_dir"], dtype=torch.float32).eval()
 
@@ -53,15 +81,17 @@ def load_base(spec: dict) -> torch.nn.Module:
 def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     model.eval()  # a fresh get_peft_model is in training mode (lora_dropout active), as upstream's is
     with torch.no_grad():
-        return model(**inputs).logits.detach().clone()
+        out = model(**inputs)
+    return (out.logits if hasattr(out, "logits") else out).detach().clone()
 
 
-def perturb_trainable(model: torch.nn.Module, seed: int) -> None:
-    """Add N(0, 0.1^2) noise to every trainable tensor (lora_A/B, modules_to_save copies, trained biases)."""
+def perturb(model: torch.nn.Module, seed: int, adapter: str = "") -> None:
+    """Add N(0, 0.1^2) noise to every trainable tensor (lora_A/B, modules_to_save copies, trained biases), or, with
+    `adapter`, to every tensor of that adapter."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
+        for name, param in sorted(model.named_parameters()):
+            if (f".{adapter}." in name) if adapter else param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype))
 
 
@@ -85,11 +115,17 @@ def load_ours(case: dict, spec: dict, inputs: dict) -> dict:
     result = set_peft_model_state_dict(model, load_peft_weights(folder, device="cpu"))
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     torch.save(logits(model, inputs), Path(case["dir"]) / "up_on_ours.pt")
+    second = {}
+    if case.get("second"):
+        recorded(lambda: model.load_adapter(os.path.join(folder, "second"), adapter_name="second"))
+        model.set_adapter("second")
+        torch.save(logits(model, inputs), Path(case["dir"]) / "up_on_ours_second.pt")
+        second = scalings(model, "second")
     return {
         "config_class": type(config).__name__, "config": jsonable(config.to_dict()),
         "config_warnings": config_warnings, "load_warnings": load_warnings, "model_class": type(model).__name__,
         "unexpected_keys": list(result.unexpected_keys), "missing_adapter_keys": missing,
-        "scalings": scalings(model),
+        "scalings": scalings(model), "scalings_second": second,
     }
 
 
@@ -98,10 +134,19 @@ def save_own(case: dict, spec: dict, inputs: dict) -> dict:
     base = load_base(spec)
     torch.save(logits(base, inputs), Path(case["dir"]) / "up_base.pt")
     model, _ = recorded(lambda: get_peft_model(base, LoraConfig(**case["config"])))
-    perturb_trainable(model, case["seed"])
-    recorded(lambda: model.save_pretrained(case["up_adapter"]))
+    perturb(model, case["seed"])
     torch.save(logits(model, inputs), Path(case["dir"]) / "up_own.pt")
-    return {"scalings": scalings(model), "config": jsonable(model.peft_config["default"].to_dict())}
+    second = {}
+    if case.get("second"):
+        recorded(lambda: model.add_adapter("second", LoraConfig(**case["second"])))
+        perturb(model, case["seed"] + 100, adapter="second")
+        model.set_adapter("second")
+        torch.save(logits(model, inputs), Path(case["dir"]) / "up_own_second.pt")
+        second = scalings(model, "second")
+        model.set_adapter("default")
+    recorded(lambda: model.save_pretrained(case["up_adapter"]))
+    return {"scalings": scalings(model), "scalings_second": second,
+            "config": jsonable(model.peft_config["default"].to_dict())}
 
 
 def main() -> None:
@@ -117,7 +162,7 @@ def main() -> None:
     for entry in manifest["unsupported"]:
         model, _ = recorded(lambda e=entry: get_peft_model(load_base(manifest["models"][e["model"]]),
                                                            LoraConfig(**e["config"])))
-        perturb_trainable(model, 0)
+        perturb(model, 0)
         recorded(lambda e=entry, m=model: m.save_pretrained(e["dir"]))
     emit(report)  # noqa: F821 (provided by the harness)
 
