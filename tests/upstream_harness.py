@@ -88,7 +88,11 @@ def _pip_install(target: Path, version: str) -> None:
         if not has_upstream(target, version):  # another process may have won the race
             if target.exists():
                 shutil.rmtree(target)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not has_upstream(target, version):
+                    raise
     except subprocess.TimeoutExpired as exc:
         raise UpstreamUnavailable(f"Installing upstream peft=={version} timed out: {exc}") from None
     finally:
