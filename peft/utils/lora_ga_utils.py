@@ -124,19 +124,25 @@ class _Accumulator:
         grad = param.grad.detach()
         grad = grad.to("cpu", torch.float32) if self.on_cpu else grad.to(torch.float32)
         key = id(param)
-        self.sums[key] = grad.clone() if key not in self.sums else self.sums[key].add_(grad.to(self.sums[key].device))
+        if key in self.sums:
+            self.sums[key].add_(grad.to(self.sums[key].device))
+        else:  # keep the first gradient itself (no copy) unless it views a shared buffer (DDP bucket views)
+            self.sums[key] = grad.clone() if param.grad._is_view() and grad.data_ptr() == param.grad.data_ptr() \
+                else grad
         self.counts[key] = self.counts.get(key, 0) + 1
         param.grad = None
 
     def result(self, count: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """name -> sum / count (default: per weight, the number of backward passes that reached it); call once."""
         out = {}
         for key, param in self.params.items():
             total = self.sums.get(key)
             if total is None:
                 total = torch.zeros(param.shape, dtype=torch.float32, device="cpu" if self.on_cpu else param.device)
             divisor = count if count is not None else self.counts.get(key, 1)
+            total.div_(max(divisor, 1))  # in place: the sums are not used afterwards
             for name in self.names[key]:
-                out[name] = total / max(divisor, 1)
+                out[name] = total
         return out
 
 
