@@ -187,9 +187,9 @@ def adam_direction(
     grad = grad.to(exp_avg.dtype)
     exp_avg.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1.0 - hp.beta2)
-    m_hat = exp_avg / (1.0 - hp.beta1**step)
-    v_hat = exp_avg_sq / (1.0 - hp.beta2**step)
-    return m_hat / (v_hat.sqrt() + hp.eps)
+    # m_hat / (sqrt(v_hat) + eps) with two (m, n) temporaries instead of five (large in full mode)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - hp.beta2**step)).add_(hp.eps)
+    return torch.div(exp_avg, denom).div_(1.0 - hp.beta1**step)
 
 
 def decoupled_update(param: torch.Tensor, direction: torch.Tensor, hp: AdamHyper) -> torch.Tensor:
