@@ -188,7 +188,7 @@ def estimate_gradient(
     if not modules:
         raise ValueError("No layer to estimate gradients for: the model has no Linear/Conv1D/Embedding/Conv2d "
                          "weight" + (" matching peft_config's targets." if peft_config is not None else "."))
-    device = _exec_device(plain, accelerator)
+    device = _exec_device(plain, accelerator, quant_flag)
     main = accelerator.is_main_process if accelerator is not None else _rank() == 0
     count = 0
     offload = block_offload(plain, device, no_split_module_classes, origin_type, quant_type) if quant_flag \
@@ -240,9 +240,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _exec_device(model: nn.Module, accelerator) -> torch.device:
+def _exec_device(model: nn.Module, accelerator, offload: bool = False) -> torch.device:
+    """accelerator.device; else, for the offload path, CUDA when present (the model itself waits on the CPU);
+    else the device of the model's first parameter."""
     if accelerator is not None:
         return accelerator.device
+    if offload and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
