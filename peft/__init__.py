@@ -16,9 +16,9 @@ from .peft_model_tasks import (
 )
 from .registry import register_peft_method
 from .tuners.lora import LoraConfig, LoraModel
-from .tuners.lorapro import LoraProConfig, LoraProModel
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
+from .tuners.lorapro import LoraProConfig, LoraProModel
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
