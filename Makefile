@@ -25,7 +25,7 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 install-demo: $(VENV)/.demo-installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 lint: install
 	$(PY) -m ruff check peft tests examples benchmarks
