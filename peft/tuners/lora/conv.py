@@ -41,15 +41,7 @@ class Conv2d(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_forward(x, *args, **kwargs)
-        names = self._lora_active()
-        if not names:
-            return result
-        out_dtype = result.dtype
-        for name in names:
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + lora_B(lora_A(h)) * self.scaling[name]
-        return result.to(out_dtype)
+        return self._add_lora_branches(x, result, result.dtype)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

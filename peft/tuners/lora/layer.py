@@ -155,6 +155,18 @@ class LoraLayer(BaseTunerLayer):
             return []
         return [n for n in self.active_adapters if n in self.lora_A or n in self.lora_embedding_A]
 
+    def _add_lora_branches(self, x: torch.Tensor, result: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """`result + sum_a s_a B_a(A_a(dropout_a(x)))` over the active adapters, each branch computed in its
+        adapter's dtype; the sum is cast to `out_dtype`. For layers whose A and B are modules (Linear, Conv)."""
+        names = self._lora_active()
+        if not names:
+            return result
+        for name in names:
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            result = result + lora_B(lora_A(h)) * self.scaling[name]
+        return result.to(out_dtype)
+
 
 class Linear(nn.Module, LoraLayer):
     """LoRA around `nn.Linear` (or GPT-2's Conv1D with `fan_in_fan_out=True`): `y = base(x) + s B A dropout(x)`."""
@@ -172,15 +184,7 @@ class Linear(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_forward(x, *args, **kwargs)
-        names = self._lora_active()
-        if not names:
-            return result
-        out_dtype = result.dtype
-        for name in names:
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + lora_B(lora_A(h)) * self.scaling[name]
-        return result.to(out_dtype)
+        return self._add_lora_branches(x, result, result.dtype)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
