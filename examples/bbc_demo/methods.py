@@ -28,7 +28,7 @@ DEFAULT_LRS: dict[str, float] = {
     "lorapro_efficient": 1e-4,
 }
 
-# Sweep grid: four rates per method, factors of about 3 (the first three-point grid put every optimum at its top).
+# Sweep grid: four rates per method, factors of about 3.
 SWEEP_LRS: dict[str, list[float]] = {
     "full": [3e-5, 1e-4, 3e-4, 1e-3],
     "lora": [3e-4, 1e-3, 3e-3, 1e-2],
