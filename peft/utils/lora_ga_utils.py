@@ -183,7 +183,10 @@ def estimate_gradient(
         iters = getattr(peft_config, "iters", None)
     if iters is not None and (not isinstance(iters, int) or iters <= 0):
         raise ValueError(f"Invalid iters={iters!r}: expected a positive int or None.")
-    plain = unwrap_model(accelerator.unwrap_model(model) if accelerator is not None else model)
+    runner = accelerator.unwrap_model(model) if accelerator is not None else model
+    if isinstance(runner, nn.parallel.DistributedDataParallel):  # its reducer expects every weight's gradient:
+        runner = runner.module  # run the module itself; the mean is all-reduced once, below
+    plain = unwrap_model(runner)
     modules = supported_weight_modules(plain, peft_config)
     if not modules:
         raise ValueError("No layer to estimate gradients for: the model has no Linear/Conv1D/Embedding/Conv2d "
@@ -197,7 +200,7 @@ def estimate_gradient(
         batches = itertools.islice(dataloader, iters) if iters is not None else dataloader
         total = iters if iters is not None else _len_or_none(dataloader)
         for batch in tqdm(batches, total=total, desc="Estimating gradients (LoRA-GA)", disable=not main):
-            loss = _loss_of(model, _to_device(batch, device))
+            loss = _loss_of(runner, _to_device(batch, device))
             accelerator.backward(loss) if accelerator is not None else loss.backward()
             count += 1
     if count == 0:

@@ -88,25 +88,33 @@ def test_offload_path_equals_plain_path():
         estimate_gradient(model, batches, quant_flag=True, no_split_module_classes=["Nope"])
 
 
+DDP_SPLIT = ((0, 1), (1, 4))  # uneven: rank 0 runs 1 batch, rank 1 runs 3 (the mean must weight by batch count)
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        batches = token_batches(4)[rank * 2:(rank + 1) * 2]
+        start, stop = DDP_SPLIT[rank]
+        batches = token_batches(4)[start:stop]
         grads = estimate_gradient(llama(), batches)
-        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        wrapped = estimate_gradient(torch.nn.parallel.DistributedDataParallel(llama()), batches)
+        torch.save({"plain": grads, "ddp_wrapped": wrapped}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one_process_on_combined_batches():
+    """2 gloo processes on uneven shares of 4 batches == one process on all 4; also for a DDP-wrapped model (whose
+    reducer would otherwise expect gradients for every weight)."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(tmp, f"rank{i}.pt"), weights_only=True) for i in range(2)]
     single = estimate_gradient(llama(), token_batches(4))
     for name, grad in single.items():
         for got in ranks:
-            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got["plain"][name], grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got["ddp_wrapped"][name], grad, rtol=1e-5, atol=1e-7)
 
 
 def test_estimation_dataloader_uses_bsz_iters_max_length():
@@ -115,8 +123,90 @@ def test_estimation_dataloader_uses_bsz_iters_max_length():
     batches = estimation_batches(data, config)
     assert len(batches) == 2 and all(b["input_ids"].shape[0] == 3 for b in batches)
     assert max(b["input_ids"].shape[1] for b in batches) == 5
+    # row 0 has 4 tokens (padded to 5: label -100 there), row 1 has 5 (cut from 5), row 2 has 6 (cut to 5)
+    assert batches[0]["labels"][:, 4].tolist() == [-100, 5, 6]
+    assert torch.equal(batches[0]["input_ids"][2], torch.arange(2, 7))
     loader = estimation_dataloader(data, config, shuffle=True, seed=1)
     assert len(list(loader)) == 2
     grads = estimate_gradient(llama(), estimation_dataloader(
         [{"input_ids": torch.arange(8) % 64, "labels": torch.arange(8) % 64}] * 4, config))
     assert grads
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("abcdefgh")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_estimation_dataloader_tokenizes_text_with_bsz_iters_max_length():
+    """Raw text: `iters` batches of `bsz` rows, truncated to `max_length`, labels = ids with -100 on padding."""
+    config = LoraGAConfig(bsz=2, iters=3, max_length=4)
+    data = [{"text": " ".join("abcdefgh"[: 2 + i % 6])} for i in range(9)]  # 2, 3, 4, 5, 6, 7, 2, ... words
+    batches = estimation_batches(data, config, tokenizer=_word_tokenizer())
+    assert len(batches) == 3 and all(b["input_ids"].shape[0] == 2 for b in batches)
+    assert [b["input_ids"].shape[1] for b in batches] == [3, 4, 4]  # rows of 2+3, 4+5 (cut), 6+7 (cut) words
+    assert batches[0]["input_ids"].tolist() == [[2, 3, 0], [2, 3, 4]]
+    assert batches[0]["labels"].tolist() == [[2, 3, -100], [2, 3, 4]]
+
+
+def test_accumulates_in_fp32_on_a_bf16_model():
+    """The mean of 8 bf16 gradients, summed in fp32, equals the fp64 sum of the same bf16 gradients to fp32
+    precision; a bf16 running sum would be off by ~1e-3 (checked below, so the comparison can tell them apart)."""
+    batches = token_batches(8, seed=3)
+    grads = estimate_gradient(llama(torch.bfloat16), batches)
+    ref = llama(torch.bfloat16).train()
+    names = [n for n, m in ref.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    weights = [ref.get_submodule(n).weight for n in names]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    per_batch = [torch.autograd.grad(ref(**b).loss, weights) for b in batches]  # bf16, as in the estimation
+    worst_bf16 = 0.0
+    for i, name in enumerate(names):
+        expected = sum(g[i].double() for g in per_batch) / len(batches)
+        scale = expected.abs().max().item()
+        assert grads[name].dtype == torch.float32
+        torch.testing.assert_close(grads[name].double(), expected, rtol=0, atol=1e-6 * scale)
+        bf16_sum = per_batch[0][i].clone()
+        for g in per_batch[1:]:
+            bf16_sum += g[i]
+        worst_bf16 = max(worst_bf16, ((bf16_sum.double() / len(batches) - expected).abs().max() / scale).item())
+    assert worst_bf16 > 1e-4
+
+
+def _fails_at_second_batch(batches):
+    yield batches[0]
+    raise RuntimeError("boom in batch 2")
+
+
+@pytest.mark.parametrize("quant_flag", [False, True])
+def test_everything_restored_when_a_batch_fails_mid_way(quant_flag):
+    model = llama()
+    model.eval()
+    model.model.layers[1].mlp.train()  # mixed train/eval flags must come back as they were
+    model.model.norm.weight.requires_grad_(False)
+    model.lm_head.weight.grad = torch.full_like(model.lm_head.weight, 3.0)
+    flags = {n: (p.requires_grad, len(p._post_accumulate_grad_hooks or {})) for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="boom in batch 2"):
+        estimate_gradient(model, _fails_at_second_batch(token_batches(2)), quant_flag=quant_flag,
+                          no_split_module_classes=["LlamaDecoderLayer"])
+    assert {n: (p.requires_grad, len(p._post_accumulate_grad_hooks or {})) for n, p in model.named_parameters()} \
+        == flags
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert torch.equal(model.lm_head.weight.grad, torch.full_like(model.lm_head.weight, 3.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")
+    assert all("forward" not in vars(layer) for layer in model.model.layers)  # offload patches removed
+    assert model.config.use_cache is not False
+
+
+def test_shows_progress(capsys):
+    estimate_gradient(llama(), token_batches(3))
+    err = capsys.readouterr().err
+    assert "Estimating gradients (LoRA-GA)" in err and "3/3" in err
