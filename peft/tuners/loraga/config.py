@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -9,7 +10,7 @@ from ...utils.peft_types import PeftType
 from ..lora.config import LoraConfig
 from .init_math import DIRECTIONS, SCALES
 
-DTYPES = ("fp32", "fp64")
+DTYPES = ("fp32", "fp64", "bf16", "fp16")
 # Upstream PEFT's names for the scales (its `LoraGAConfig` sub-config) -> ours.
 SCALE_ALIASES = {"weight_svd": "weightS", "gd_scale": "gd"}
 
@@ -27,8 +28,12 @@ class LoraGAConfig(LoraConfig):
         direction: which singular vectors go to A and B: "ArB2r", "A2rBr", "ArBr" or "random".
         scale: "stable" (`m**0.25 / sqrt(stable_gamma)`), "gd" (`1 / s`), "unit" or "weightS" (from W's spectrum).
         stable_gamma: the gamma of the stable scale.
-        dtype: precision of the SVD and of the init math, "fp32" or "fp64" (A and B are then stored in the
-            adapter's dtype and the offset is computed from them as stored).
+        dtype: precision of the init: "fp32" or "fp64" run the SVD and the init math in that precision and store
+            A and B in the adapter's dtype; "bf16" / "fp16" (the official code's training type) run the math in fp32
+            and store A and B in that half dtype. The offset is always computed from A and B as stored.
+
+    `init_lora_weights="lora_ga"` (what the official code sets on this config) is accepted and means the same as
+    the default: the LoRA-GA init replaces it whenever gradients wait.
     """
 
     bsz: int = field(default=2, metadata={"help": "Examples per gradient-estimation batch."})
@@ -42,6 +47,8 @@ class LoraGAConfig(LoraConfig):
     peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORAGA
 
     def _validate(self) -> None:
+        if self.init_lora_weights == "lora_ga":  # the official code's value for this config; LoRA-GA init anyway
+            self.init_lora_weights = True
         super()._validate()
         self.scale = SCALE_ALIASES.get(self.scale, self.scale)
         _check_lora_ga_fields(self)
@@ -77,12 +84,13 @@ class LoraGAInitOptions:
         """From a LoraGAConfig, upstream's LoraGAConfig sub-config, a dict, or None (defaults)."""
         if value is None:
             return cls()
-        if isinstance(value, dict):
-            unknown = sorted(set(value) - {"direction", "scale", "stable_gamma", "dtype"})
+        if isinstance(value, dict):  # upstream's sub-config, or a whole LoraGAConfig as saved in adapter_config.json
+            known = {f.name for f in dataclasses.fields(LoraGAConfig)}
+            unknown = sorted(set(value) - known)
             if unknown:
                 raise ValueError(f"Unknown lora_ga_config keys {unknown}: expected direction, scale, stable_gamma, "
                                  "dtype.")
-            data = dict(value)
+            data = {k: value[k] for k in ("direction", "scale", "stable_gamma", "dtype") if k in value}
         else:
             data = {k: getattr(value, k) for k in ("direction", "scale", "stable_gamma", "dtype") if hasattr(value, k)}
         data["scale"] = SCALE_ALIASES.get(data.get("scale", "stable"), data.get("scale", "stable"))

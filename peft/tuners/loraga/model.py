@@ -21,7 +21,9 @@ from .config import LoraGAInitOptions
 from .context import active_gradients, consume_gradient, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
 
-_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# LoraGAConfig.dtype -> (precision of the SVD and init math, dtype A and B are stored in; None: the adapter's own)
+_DTYPES = {"fp32": (torch.float32, None), "fp64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16),
+           "fp16": (torch.float32, torch.float16)}
 
 
 # --- views of a layer's weight and factors as the (m, n) / (r, n) / (m, r) matrices of the paper ---------------
@@ -71,12 +73,14 @@ def init_layer(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options:
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     W = to_matrix(weight, kind)  # (m, n)
     check_rank(r, *W.shape, name=repr(name))
-    compute = _DTYPES[options.dtype]
+    compute, store = _DTYPES[options.dtype]
     G = to_matrix(grad.to(device=weight.device), kind)
     A, B = lora_ga_factors(G, r, scaling, options.direction, options.scale, options.stable_gamma,
                            weight=W if options.scale == "weightS" else None, compute_dtype=compute)
     param_A, param_B = factor_params(layer, adapter_name)
     with torch.no_grad():
+        if store is not None:  # in place of the data: the parameters (and any reference to them) stay the same
+            param_A.data, param_B.data = param_A.data.to(store), param_B.data.to(store)
         param_A.copy_(A.reshape(param_A.shape))  # rounded to the adapter's dtype here ...
         param_B.copy_(B.reshape(param_B.shape))
         stored_A, stored_B = param_A.reshape(r, -1), param_B.reshape(-1, r)  # ... and used as stored below
@@ -99,6 +103,8 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
                           "adapter keeps LoRA's default init and the base weights are not offset. That is right when "
                           "loading saved weights; to initialise LoRA-GA, call get_peft_model inside LoraGAContext.")
             tuner._warned_no_gradients = True
+        if config.init_lora_weights == "lora_ga":  # the layer was built with init False (random B): use the default
+            layer.reset_lora_parameters(adapter_name, True)
         return
     name = normalize_name(key)
     if name not in grads:

@@ -98,10 +98,16 @@ def test_bf16_init_error_is_small():
     model, batches = llama(torch.bfloat16), token_batches()
     grads = estimate_gradient(model, batches)
     ref = _logits(model, batches[0]).float()
+    weights = {k: m.weight.detach().clone() for k, m in model.named_modules() if k.endswith(tuple(TARGETS))}
     peft_model = _wrap(model, LoraGAConfig(target_modules=TARGETS, r=2, use_rslora=True), grads)
     rel = ((_logits(peft_model, batches[0]).float() - ref).norm() / ref.norm()).item()
     print(f"bf16 init relative error: {rel:.2e}")
     assert rel < 2e-2
+    for key, layer in peft_model.base_model.tuner_layers():  # fp32 A, B as stored; W - s B A rounded once
+        A, B = factor_params(layer, "default")
+        assert A.dtype == torch.float32
+        expected = (weights[key].float() - layer.scaling["default"] * (B @ A)).to(torch.bfloat16)
+        assert torch.equal(layer.get_base_layer().weight, expected)
 
 
 def test_any_adapter_name_and_second_adapter():
@@ -153,8 +159,11 @@ def test_no_context_keeps_plain_init_with_warning():
     assert torch.equal(peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
 
 
-def test_first_sgd_step_follows_best_rank_2r_approximation():
-    """One Linear, loss <C, y>: G = C^T X is known; one small SGD step on A, B moves W along G_2r (paper eq. 8)."""
+@pytest.mark.parametrize("direction", im.DIRECTIONS)
+@pytest.mark.parametrize("scale", im.SCALES)
+def test_first_sgd_step_follows_best_rank_2r_approximation(direction, scale):
+    """One Linear, loss <C, y>: G = C^T X is known; one small SGD step on A, B moves W along G_2r (paper eq. 8):
+    B B^T G + G A^T A is the rank-2r truncation of G for any split of the top 2r singular pairs, times c^2 s^2."""
     torch.manual_seed(0)
     m, n, r, lr = 24, 20, 3, 1e-6
     model = nn.Sequential(nn.Linear(n, m, bias=False)).double()
@@ -164,7 +173,7 @@ def test_first_sgd_step_follows_best_rank_2r_approximation():
         return (mod(X) * C).sum()
 
     G = C.T @ X  # dL/dW, (m, n)
-    config = LoraGAConfig(target_modules=["0"], r=r, lora_alpha=r, scale="gd", dtype="fp64")
+    config = LoraGAConfig(target_modules=["0"], r=r, lora_alpha=r, scale=scale, direction=direction, dtype="fp64")
     peft_model = _wrap(model, config, {"0": G})
     layer = peft_model.base_model.model[0]
     before = layer.get_delta_weight("default").clone()
@@ -176,8 +185,8 @@ def test_first_sgd_step_follows_best_rank_2r_approximation():
     best = -(U[:, : 2 * r] @ torch.diag(S[: 2 * r]) @ Vh[: 2 * r]).flatten()
     cosine = torch.nn.functional.cosine_similarity(step, best, dim=0).item()
     assert cosine > 0.99
-    # with scale="gd" (A, B divided by s) the step is lr * G_2r up to the O(lr^2) term s * lr^2 gB gA
-    assert ((step - lr * best).norm() / (lr * best).norm()).item() < 1e-2
+    if scale == "gd":  # A, B divided by s: the step is lr * G_2r up to the O(lr^2) term s * lr^2 gB gA
+        assert ((step - lr * best).norm() / (lr * best).norm()).item() < 1e-2
 
 
 def test_upstream_spelling_same_init():
@@ -200,3 +209,47 @@ def test_upstream_spelling_same_init():
             torch.testing.assert_close(x.abs(), y.abs(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(la.get_base_layer().weight, lb.get_base_layer().weight, atol=1e-6, rtol=1e-5)
     assert math.isclose(theirs.peft_config["default"].r, 2)
+
+
+@pytest.mark.parametrize(("dtype", "compute", "stored"), [
+    ("fp32", torch.float32, torch.float32), ("fp64", torch.float64, torch.float32),
+    ("bf16", torch.float32, torch.bfloat16), ("fp16", torch.float32, torch.float16)])
+def test_dtype_sets_init_precision_and_factor_storage(monkeypatch, dtype, compute, stored):
+    """`dtype`: the SVD runs in `compute`, A and B are stored in `stored`, and the offset uses them as stored."""
+    import peft.tuners.loraga.model as ga_model
+
+    seen, real = [], ga_model.lora_ga_factors
+    monkeypatch.setattr(ga_model, "lora_ga_factors", lambda *a, **k: seen.append(k["compute_dtype"]) or real(*a, **k))
+    model, batches = llama(), token_batches()
+    ref = _logits(model, batches[0])
+    weights = {k: m.weight.detach().clone() for k, m in model.named_modules() if k.endswith(tuple(TARGETS))}
+    peft_model = _wrap(model, LoraGAConfig(target_modules=TARGETS, r=2, dtype=dtype), _llama_grads())
+    assert set(seen) == {compute} and len(seen) == 2 * len(TARGETS)
+    for key, layer in peft_model.base_model.tuner_layers():
+        A, B = factor_params(layer, "default")
+        assert A.dtype == B.dtype == stored and A.requires_grad
+        expected = weights[key] - layer.scaling["default"] * (B.float() @ A.float())
+        torch.testing.assert_close(layer.get_base_layer().weight, expected, rtol=0, atol=1e-7)
+    rel = ((_logits(peft_model, batches[0]) - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if stored == torch.float32 else 1e-2)  # half factors: the branch itself runs in half
+
+
+def test_upstream_spelling_without_gradients_keeps_default_init():
+    """No preprocess_loraga: a warning, LoRA's default init (B = 0) and an unchanged model, as upstream does."""
+    model, batches = llama(), token_batches()
+    ref = _logits(model, batches[0])
+    with pytest.warns(UserWarning, match="No LoraGAContext"):
+        peft_model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=2, init_lora_weights="lora_ga"))
+    for _, layer in peft_model.base_model.tuner_layers():
+        assert torch.count_nonzero(factor_params(layer, "default")[1]) == 0
+    assert torch.equal(_logits(peft_model, batches[0]), ref)
+
+
+def test_official_init_lora_weights_value_initialises():
+    model, batches = llama(), token_batches()
+    ref = _logits(model, batches[0])
+    config = LoraGAConfig(target_modules=TARGETS, r=2, init_lora_weights="lora_ga")
+    peft_model = _wrap(model, config, _llama_grads())
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0
+    torch.testing.assert_close(_logits(peft_model, batches[0]), ref, rtol=1e-5, atol=1e-6)
