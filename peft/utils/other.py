@@ -105,7 +105,8 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
 
 
 def prepare_model_for_kbit_training(
-    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None,
+    auto_clear_cache: bool = True,
 ) -> nn.Module:
     """Get a (quantized) model ready for adapter training, in place (upstream's name and arguments).
 
@@ -116,6 +117,7 @@ def prepare_model_for_kbit_training(
        block with reentrant checkpointing still backpropagates into its adapters) and turns on gradient
        checkpointing with `gradient_checkpointing_kwargs` (passed to `torch.utils.checkpoint`; `use_reentrant`
        defaults to False).
+    4. With `auto_clear_cache`: empties the CUDA allocator cache after the casts (when CUDA is available).
     """
     checkpointing = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # transformers 5 / 4
     enable = next((getattr(model, n) for n in checkpointing if hasattr(model, n)), None)
@@ -129,6 +131,8 @@ def prepare_model_for_kbit_training(
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16) and type(param) is nn.Parameter:
             param.data = param.data.to(torch.float32)
+    if auto_clear_cache and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if use_gradient_checkpointing:
         kwargs = dict(gradient_checkpointing_kwargs) if gradient_checkpointing_kwargs is not None else {}
         kwargs.setdefault("use_reentrant", False)

@@ -20,7 +20,8 @@ CPU packing trap: on CPUs with AVX512-BF16, a `Linear4bit` forward in eval mode 
 in place into a CPU-only layout (`quant_state.packing_format_for_cpu`: codes re-tiled, `absmax` un-nested and
 rounded to bf16). bitsandbytes undoes it (`_convert_weight_packed_for_cpu_inverse`) before saving; here it is
 undone on a copy, so dequantizing never changes the layer, and the result is exactly the weight the packed kernel
-multiplies with (the bf16 `absmax`, not a re-quantized one).
+multiplies with (the bf16 `absmax`, not a re-quantized one). The packed kernel has no backward, so before a
+forward that needs gradients the LoRA layer restores the canonical layout in place (`unpack_bnb_4bit_for_training`).
 
 bitsandbytes is imported lazily, only once a bitsandbytes layer is met (so it is in `sys.modules`).
 """
@@ -136,6 +137,32 @@ def _unpacked_4bit(data: torch.Tensor, quant_state):
     work.absmax = packed_absmax.T.reshape(-1).to(torch.float32)
     work.nested, work.state2, work.offset = False, None, None
     return codes, work
+
+
+def unpack_bnb_4bit_for_training(module: nn.Module) -> bool:
+    """Undo bitsandbytes' CPU packing of a `Linear4bit` weight in place; True if it was packed.
+
+    The packed weight is multiplied by a kernel without autograd (`gemv_4bit`), so a training forward after an
+    eval pass would send no gradient through the layer to its input, silently (and fail when the bias trains).
+    Restored: the canonical codes in the storage dtype, `absmax` as the packed kernel used it (fp32; re-nested
+    by bitsandbytes' own inverse with double quant, which leaves a non-nested `absmax` transposed in bf16, so it
+    is set here), dtype and nesting as before, so bitsandbytes' differentiable path runs again. bitsandbytes
+    repacks at the next eval forward without grad.
+    """
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None or not _is_packed_for_cpu(state):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415
+
+    packed_absmax = state.absmax  # (in/blocksize, out) bf16
+    nested = bool(state.original_nested)
+    codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)  # updates the state in place
+    if not nested:
+        state.absmax = packed_absmax.T.reshape(-1).to(torch.float32)
+    weight.data = codes
+    weight.quant_state = module.quant_state = state
+    return True
 
 
 def dequantize_bnb_weight(weight: torch.Tensor, state=None) -> torch.Tensor:

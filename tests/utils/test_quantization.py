@@ -14,6 +14,7 @@ from peft.utils.quantization import (  # noqa: E402
     dequantize_bnb_weight,
     replace_bnb_weight,
     requantize_bnb_weight,
+    unpack_bnb_4bit_for_training,
 )
 
 IN, OUT = 128, 64
@@ -100,6 +101,37 @@ def test_4bit_cpu_packing_is_undone_on_a_copy(quant_type, double_quant, storage,
     codes, _ = _convert_weight_packed_for_cpu_inverse(layer.weight.data, layer.weight.quant_state)
     fresh, _ = make_4bit(quant_type, double_quant, storage, blocksize)
     assert torch.equal(codes.view(torch.uint8), fresh.weight.data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("quant_type,double_quant,storage,blocksize", FOUR_BIT)
+def test_4bit_unpack_for_training_restores_a_differentiable_layer(quant_type, double_quant, storage, blocksize):
+    if not packs_on_cpu():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights")
+    layer, _ = make_4bit(quant_type, double_quant, storage, blocksize)
+    assert not unpack_bnb_4bit_for_training(layer) and not unpack_bnb_4bit_for_training(torch.nn.Linear(2, 2))
+    settings = bnb_quant_settings(layer)
+    x = torch.randn(3, IN, requires_grad=True)
+    eval_forward(layer, x.detach())  # packs
+    packed_weight = dequantize_bnb_layer(layer)  # what the packed kernel multiplies with
+    # Training on the packed layout (bitsandbytes 0.50) sends no gradient to x, or fails outright with a bias.
+    layer.train()
+    for _ in range(3):  # eval / train cycles do not drift
+        assert unpack_bnb_4bit_for_training(layer)
+        state = layer.weight.quant_state
+        assert not state.packing_format_for_cpu and layer.quant_state is state
+        assert state.nested == double_quant and layer.weight.dtype == storage
+        assert bnb_quant_settings(layer) == settings
+        weight = dequantize_bnb_layer(layer)
+        # Exactly the packed weight; with double quant bitsandbytes re-nests absmax (8-bit, ~0.5% of it).
+        tolerance = 0.0 if not double_quant else 0.006 * packed_weight.abs().max().item()
+        torch.testing.assert_close(weight, packed_weight, rtol=0, atol=tolerance)
+        y = layer(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, x @ weight.T + layer.bias, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x), rtol=0, atol=1e-5)
+        x.grad = None
+        eval_forward(layer, x.detach())
+        assert layer.weight.quant_state.packing_format_for_cpu
 
 
 @pytest.mark.parametrize("quant_type,double_quant,storage,blocksize", FOUR_BIT)

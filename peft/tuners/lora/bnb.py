@@ -7,6 +7,10 @@ Merge: `W <- requant(dequant(W) + sum_i s_i B_i A_i)` in fp32, requantized with 
 (see `peft.utils.quantization`); unmerge subtracts the same way. A 4-bit (or 8-bit) grid cannot hold `W + s B A`
 exactly, so the merged layer only approximates the adapter model: a warning says so once per process.
 
+CPU packing: on CPUs with AVX512-BF16 bitsandbytes repacks a `Linear4bit` weight in an eval forward without grad and
+then multiplies with a kernel that has no backward. A forward that needs gradients (train mode, or an input that
+requires grad) first restores the canonical layout, so training after an evaluation pass gets correct gradients.
+
 This module never imports bitsandbytes: the dispatcher only recognises bitsandbytes layers once bitsandbytes has been
 imported (a model cannot hold one before), so `import peft` stays free of it.
 """
@@ -26,6 +30,7 @@ from ...utils.quantization import (
     is_bnb_4bit_layer,
     is_bnb_8bit_layer,
     is_bnb_quantized_param,
+    unpack_bnb_4bit_for_training,
 )
 from .dispatch import DISPATCHERS, UnsupportedTargetError
 from .layer import LoraLayer
@@ -65,6 +70,9 @@ class QuantizedLinear(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if torch.is_grad_enabled() and (base.training or x.requires_grad):
+            unpack_bnb_4bit_for_training(base)  # CPU-packed after an eval pass: its kernel has no backward
         result = self._base_forward(x, *args, **kwargs)
         names = self._lora_active()
         if not names:
