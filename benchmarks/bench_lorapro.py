@@ -27,6 +27,7 @@ from _measure import PeakRSS, in_fresh_process, machine_line, markdown_table, me
 
 VARIANTS = ("adamw", "full", "efficient")
 NAMES = {"adamw": "LoRA + torch AdamW", "full": "LoRA-Pro full", "efficient": "LoRA-Pro efficient"}
+PEAK_RESOLUTION_MB = 0.1  # RSS moves in pages and allocator chunks: a smaller reference peak is not a ratio's base
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -113,14 +114,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def ratio(value: float, reference: float, resolution: float = 0.0) -> str:
+    """`value / reference` with 2 decimals, or "n/a" when the reference is at or below the measurement's resolution
+    (a peak RSS of 0 MiB for AdamW's tiny state would give a meaningless ratio)."""
+    return "n/a" if reference <= resolution else f"{value / reference:.2f}"
+
+
 def report(results: list[dict], args: argparse.Namespace, command: str) -> list[str]:
     rows = []
     for r in results:
         ref = next(x for x in results if x["width"] == r["width"] and x["variant"] == "adamw")
         rows.append([str(r["width"]), NAMES[r["variant"]], f"{r['trainable']:,}", f"{1000 * r['seconds']:.2f}",
-                     f"{r['seconds'] / ref['seconds']:.2f}", f"{r['peak_mb']:.1f}",
-                     f"{r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}", f"{r['state_mb']:.2f}",
-                     f"{r['state_mb'] / max(ref['state_mb'], 1e-9):.2f}"])
+                     ratio(r["seconds"], ref["seconds"]), f"{r['peak_mb']:.1f}",
+                     ratio(r["peak_mb"], ref["peak_mb"], PEAK_RESOLUTION_MB), f"{r['state_mb']:.2f}",
+                     ratio(r["state_mb"], ref["state_mb"])])
     header = ["width", "optimizer", "LoRA params", "ms/step", "time / AdamW", "peak MiB", "peak / AdamW",
               "state MiB", "state / AdamW"]
     return [
@@ -130,7 +137,8 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> list[
         f"fp32. `optimizer.step()` only, on the gradients of one batch of {args.batch} x {args.seq} tokens. Time: "
         f"fastest of {args.repeats} interleaved rounds (same process, after 2 warm-up steps). Peak: RSS high-water "
         f"mark over the first 3 steps (state creation included) minus the RSS before, one fresh process per row "
-        f"({results[0]['how']}). State: bytes of the optimizer's moment tensors.", "",
+        f"({results[0]['how']}; a ratio is n/a where AdamW's peak is under {PEAK_RESOLUTION_MB} MiB). State: bytes "
+        "of the optimizer's moment tensors.", "",
         *markdown_table(header, rows), "",
     ]
 

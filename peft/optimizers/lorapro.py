@@ -120,18 +120,25 @@ class LoraProAdamW(Optimizer):
                 continue
             self._step_pair(pair, group_of[id(pair.A)])
         for group in self.param_groups:
-            if not group["lorapro"]:
+            if not group.get("lorapro", False):  # groups added later (add_param_group) are plain AdamW
                 for param in group["params"]:
                     if param.grad is not None:
                         self._step_plain(param, group)
         return loss
 
-    def _moments(self, param: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> dict:
+    def _moments(self, param: torch.Tensor, shape: torch.Size, dtype: torch.dtype, mode: str = "adamw") -> dict:
+        """The state of `param`, created at its first step: `step` and fp32 (fp64) moments of `shape`."""
         state = self.state[param]
         if not state:
             state["step"] = 0
             for key in _MOMENTS:
                 state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        elif state["exp_avg"].shape != shape:
+            raise ValueError(
+                f"Invalid optimizer state for a parameter of shape {tuple(param.shape)}: exp_avg has shape "
+                f"{tuple(state['exp_avg'].shape)}, expected {tuple(shape)} for mode {mode!r} (full mode keeps (m, n) "
+                "moments, efficient mode (r, n) and (m, r)). Was the state saved with the other mode?"
+            )
         return state
 
     def _step_pair(self, pair: LoraProPair, group: dict) -> None:
@@ -141,14 +148,14 @@ class LoraProAdamW(Optimizer):
         dtype = lp.compute_dtype(A, B)
         s = pair.scaling
         if mode == "full":
-            state = self._moments(pair.A, torch.Size((B.shape[0], A.shape[1])), dtype)
+            state = self._moments(pair.A, torch.Size((B.shape[0], A.shape[1])), dtype, mode)
             state["step"] += 1
             hp = _hyper(group, self._lr_scale(state["step"], group))
             new_A, new_B = lp.full_mode_step(A, B, gA, gB, s, state["exp_avg"], state["exp_avg_sq"],
                                              state["step"], hp, x_mode, damping)
         else:
-            state_A = self._moments(pair.A, A.shape, dtype)
-            state_B = self._moments(pair.B, B.shape, dtype)
+            state_A = self._moments(pair.A, A.shape, dtype, mode)
+            state_B = self._moments(pair.B, B.shape, dtype, mode)
             state_A["step"] += 1
             state_B["step"] = state_A["step"]
             hp = _hyper(group, self._lr_scale(state_A["step"], group))

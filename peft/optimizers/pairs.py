@@ -30,19 +30,31 @@ class LoraProPair:
         return self.layer.lorapro_scaling(self.adapter_name)
 
 
-def _layer_pairs(layer: LoraProLayer, where: str) -> list[LoraProPair]:
-    pairs = []
+def _adapters(layer: LoraProLayer) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(adapter name, A, B) for every LoRA-Pro adapter still present on `layer`, frozen or not."""
+    out = []
     for name in layer.lorapro_options:
         try:
             A, B = layer.lorapro_factors(name)
         except KeyError:  # adapter deleted since
             continue
+        out.append((name, A, B))
+    return out
+
+
+def _frozen_partner_error(adapter_name: str, where: str, A: torch.Tensor) -> ValueError:
+    frozen = "A" if not A.requires_grad else "B"
+    return ValueError(
+        f"LoRA-Pro adapter {adapter_name!r} of {where}: {frozen} is frozen but its partner is trainable; LoRA-Pro "
+        "updates A and B together (train both or freeze both)."
+    )
+
+
+def _layer_pairs(layer: LoraProLayer, where: str) -> list[LoraProPair]:
+    pairs = []
+    for name, A, B in _adapters(layer):
         if A.requires_grad != B.requires_grad:
-            frozen = "A" if not A.requires_grad else "B"
-            raise ValueError(
-                f"LoRA-Pro adapter {name!r} of {where}: {frozen} is frozen but its partner is trainable; LoRA-Pro "
-                "updates A and B together (train both or freeze both)."
-            )
+            raise _frozen_partner_error(name, where, A)
         if A.requires_grad:
             pairs.append(LoraProPair(layer, name, A, B))
     return pairs
@@ -82,14 +94,16 @@ def _dedupe(pairs: list[LoraProPair]) -> list[LoraProPair]:
 def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
     """The pairs formed by `params` (trainable ones only), found through the live LoRA-Pro layers that own them.
 
-    Raises ValueError for a parameter that no LoRA-Pro layer owns, or whose partner factor is not in `params`."""
+    Only the layers owning one of `params` are looked at (other models in the process do not matter). Raises
+    ValueError for a parameter that no LoRA-Pro layer owns, or whose partner factor is frozen or not in `params`."""
     params = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
     if not params:
         raise ValueError("AdamWLoRAPro got no trainable parameters.")
     owner: dict[int, tuple[LoraProPair, str]] = {}
     for layer in live_lorapro_layers():
-        for pair in _layer_pairs(layer, type(layer).__name__):
-            owner[id(pair.A)], owner[id(pair.B)] = (pair, "A"), (pair, "B")
+        for name, A, B in _adapters(layer):
+            pair = LoraProPair(layer, name, A, B)
+            owner[id(A)], owner[id(B)] = (pair, "A"), (pair, "B")
     given = {id(p) for p in params}
     pairs, seen = [], set()
     for index, param in enumerate(params):
@@ -101,6 +115,8 @@ def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
             )
         pair, role = owner[id(param)]
         partner = pair.B if role == "A" else pair.A
+        if not partner.requires_grad:
+            raise _frozen_partner_error(pair.adapter_name, type(pair.layer).__name__, pair.A)
         if id(partner) not in given:
             raise ValueError(
                 f"Parameter #{index} is the {role} factor of LoRA-Pro adapter {pair.adapter_name!r} but its partner "

@@ -27,3 +27,24 @@ def test_bench_lorapro_measures_and_reports():
     assert state["efficient"] == state["adamw"] < state["full"]  # efficient keeps LoRA's state size
     lines = bench.report(results, bench.parse_args(["--widths", "32", "--rank", "2"]), "cmd")
     assert any(line.startswith("| 32 | LoRA-Pro full |") for line in lines)
+
+
+def test_bench_lorapro_quick_path_and_default_widths(monkeypatch):
+    """`--quick` runs `main` end to end (here in-process instead of one spawned process per row); the default run
+    compares the three variants at two widths."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    bench = importlib.import_module("bench_lorapro")
+    defaults = bench.parse_args([])
+    assert len(defaults.widths) >= 2 and bench.VARIANTS == ("adamw", "full", "efficient")
+    monkeypatch.setattr(bench, "in_fresh_process", lambda fn, *args: fn(*args))
+    threads = torch.get_num_threads()
+    try:
+        lines = bench.main(["--quick", "--layers", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in lines if line.startswith("| 64 |")]
+    assert [row.split(" | ")[1] for row in rows] == [bench.NAMES[v] for v in bench.VARIANTS]
+    assert rows[0].split(" | ")[4] == "1.00"  # AdamW against itself: the ratio column
+    assert "    python benchmarks/bench_lorapro.py --quick --layers 1" in lines
+    assert bench.ratio(0.7, 0.0, bench.PEAK_RESOLUTION_MB) == "n/a" and bench.ratio(3.0, 2.0) == "1.50"

@@ -33,12 +33,13 @@ def _model(mode: str = "full"):
 
 
 def _trainer(model, output_dir, **extra) -> "transformers.Trainer":
-    args = transformers.TrainingArguments(
+    kwargs = dict(
         output_dir=str(output_dir), max_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS,
         per_device_train_batch_size=2, gradient_accumulation_steps=ACCUM, max_grad_norm=1.0, learning_rate=1e-2,
         lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=11, data_seed=11, logging_steps=1,
-        dataloader_num_workers=0, disable_tqdm=True, save_only_model=False, **extra,
+        dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
     )
+    args = transformers.TrainingArguments(**{**kwargs, **extra})
     optimizer = LoraProAdamW(model, lr=1e-2, weight_decay=0.01)
     return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(), optimizers=(optimizer, None))
 
@@ -65,6 +66,17 @@ def test_trainer_steps_once_per_accumulated_batch(full_run):
     moved = [k for k in full_run["final"] if not torch.equal(full_run["init"][k], full_run["final"][k])]
     assert len(moved) == len(full_run["final"])
     assert all(torch.isfinite(v).all() for v in full_run["final"].values())
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(full_run, tmp_path):
+    """ACCUM micro-batches of 2 (the fixture) end where batches of 2 * ACCUM without accumulation do: the
+    adjustment sees the accumulated (and clipped) gradient once per optimizer step."""
+    model = _model()
+    trainer = _trainer(model, tmp_path, per_device_train_batch_size=2 * ACCUM, gradient_accumulation_steps=1,
+                       save_strategy="no")
+    trainer.train()
+    for key, value in _adapter(model).items():
+        torch.testing.assert_close(value, full_run["final"][key], atol=1e-6, rtol=1e-5, msg=key)
 
 
 def test_checkpoint_holds_the_optimizer_state(full_run):

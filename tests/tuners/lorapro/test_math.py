@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from peft.tuners.lorapro import math as lp
 
@@ -229,3 +231,105 @@ def test_invalid_x_mode():
     A, B, _, gA, gB = _problem()
     with pytest.raises(ValueError, match="x_mode='nope'"):
         lp.adjusted_gradients(A, B, gA, gB, 2.0, "nope")
+
+
+def test_zero_x_gives_the_closed_forms():
+    """X = 0: A takes `P_B g`, B the rest `(I - P_B) g P_A`; `gA' = (1/s^2) (B^T B)^-1 gA`."""
+    s = 1.3
+    A, B, g, gA, gB = _problem(m=6, n=5, r=2, s=s, seed=11)
+    PB, PA = _projectors(A, B)
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, "zero")
+    torch.testing.assert_close(new_gA, torch.linalg.inv(B.T @ B) @ gA / s**2, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s * B @ new_gA, PB @ g, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s * new_gB @ A, (torch.eye(6, dtype=F64) - PB) @ g @ PA, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("x_mode", lp.X_MODES)
+def test_damping_is_added_to_both_grams(x_mode):
+    """With damping d every inverse is `(B^T B + dI)^-1` / `(A A^T + dI)^-1`, in the projector and in eq. 10 too."""
+    s, d, r = 2.0, 0.3, 2
+    A, B, g, gA, gB = _problem(seed=12)
+    eye = torch.eye(r, dtype=F64)
+    BtB, AAt = B.T @ B + d * eye, A @ A.T + d * eye
+    Bi, Ai = torch.linalg.inv(BtB), torch.linalg.inv(AAt)
+    C = -(1 / s**2) * Bi @ gA @ A.T
+    if x_mode == "zero":
+        X = torch.zeros(r, r, dtype=F64)
+    elif x_mode == "sylvester":
+        K = torch.kron(BtB, eye) + torch.kron(eye, AAt.T.contiguous())
+        X = torch.linalg.solve(K, C.flatten()).reshape(r, r)
+    else:
+        X = 0.5 * C @ Ai
+    expected_gA = Bi @ gA / s**2 + X @ A
+    expected_gB = (gB - B @ Bi @ B.T @ gB) @ Ai / s**2 - B @ X
+    new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, s, x_mode, d)
+    torch.testing.assert_close(new_gA, expected_gA, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(new_gB, expected_gB, atol=1e-10, rtol=1e-10)
+    undamped = lp.adjusted_gradients(A, B, gA, gB, s, x_mode, 0.0)
+    assert (undamped[1] - new_gB).abs().max() > 1e-3  # damping has an effect
+
+
+class _ShapeLog(TorchDispatchMode):
+    """Records the shape of every tensor produced by an aten op inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("m, n", [(300, 6), (6, 300)])
+def test_no_m_by_m_or_n_by_n_matrix_is_formed(m, n):
+    """Adjusting never makes a tensor bigger than (max(m, n), r); full mode's step none bigger than (m, n)."""
+    r, s = 3, 2.0
+    A, B, g, gA, gB = _problem(m=m, n=n, r=r, seed=13)
+    with _ShapeLog() as dense:
+        _projectors(A, B)
+    assert max(dense.numels) >= max(m, n) ** 2  # the guard sees a dense projector
+    for x_mode in lp.X_MODES:
+        with _ShapeLog() as log:
+            lp.adjusted_gradients(A, B, gA, gB, s, x_mode, 1e-8)
+        assert log.numels and max(log.numels) <= max(m, n) * r, x_mode
+    moments = torch.zeros(m, n, dtype=F64), torch.zeros(m, n, dtype=F64)
+    with _ShapeLog() as log:
+        lp.full_mode_step(A, B, gA, gB, s, *moments, 1, lp.AdamHyper(lr=1e-3))
+    assert max(log.numels) <= m * n
+
+
+def test_full_mode_w_step_does_not_depend_on_s_efficient_scales_with_it():
+    """Full mode moves W by `-lr P(U)` (U: Adam direction of g~, independent of s): full fine-tuning's learning rate.
+    Efficient mode's first step is `-lr s (B sign(gA') + sign(gB') A)`: proportional to s, like LoRA's."""
+    A, B, g, _, _ = _problem(m=6, n=5, r=2, seed=14)
+    hp = lp.AdamHyper(lr=1e-7, eps=0.0)
+    full, efficient = [], []
+    for s in (0.5, 4.0):
+        gA, gB = lp.lora_gradients(A, B, g, s)
+        new_A, new_B = lp.full_mode_step(A, B, gA, gB, s, torch.zeros_like(g), torch.zeros_like(g), 1, hp)
+        full.append(s * (new_B @ new_A - B @ A) / hp.lr)
+        moments = tuple(torch.zeros_like(t) for t in (A, A, B, B))
+        new_A, new_B = lp.efficient_mode_step(A, B, gA, gB, s, moments, 1, hp)
+        efficient.append(s * (new_B @ new_A - B @ A) / hp.lr)
+    torch.testing.assert_close(full[1], full[0], atol=1e-5, rtol=0)
+    assert full[0].abs().max() > 0.1
+    torch.testing.assert_close(efficient[1], 8.0 * efficient[0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["zero_b", "tiny_b", "rank_deficient_a", "zero_grads"])
+def test_mode_steps_stay_finite(dtype, case):
+    A, B, g, _, _ = _problem(m=6, n=5, r=3, seed=15)
+    B = {"zero_b": B * 0, "tiny_b": B * 1e-20}.get(case, B)
+    A = torch.cat([A[:2], A[:1] * 2.0]) if case == "rank_deficient_a" else A
+    g = g * 0 if case == "zero_grads" else g
+    A, B = A.to(dtype), B.to(dtype)
+    gA, gB = (t.to(dtype) for t in lp.lora_gradients(A.double(), B.double(), g, 2.0))
+    hp = lp.AdamHyper(lr=1e-3, weight_decay=0.01)
+    for x_mode in lp.X_MODES:
+        full = lp.full_mode_step(A, B, gA, gB, 2.0, torch.zeros(6, 5), torch.zeros(6, 5), 1, hp, x_mode, 1e-8)
+        moments = (torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(6, 3), torch.zeros(6, 3))
+        efficient = lp.efficient_mode_step(A, B, gA, gB, 2.0, moments, 1, hp, x_mode, 1e-8)
+        assert all(torch.isfinite(t).all() for t in (*full, *efficient, *moments)), x_mode
