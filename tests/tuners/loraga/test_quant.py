@@ -37,6 +37,19 @@ def float_dir(tmp_path_factory):
     return str(path)
 
 
+def _requantized_by_bnb(name, target, settings):
+    """(`target` quantized and dequantized by bitsandbytes' functional API with the literal settings of QUANT[name],
+    allowed difference): nf4 + double quant, blocksize 64, exactly; int8: per-row absmax codes, one code step."""
+    F = bnb.functional
+    if name == "int8":
+        w = target.half().float()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127  # (out, 1)
+        return torch.round(w / scale) * scale, 1.001 * scale  # rounding ties may land one code apart
+    codes, state = F.quantize_4bit(target.to(settings.weight_dtype), blocksize=64, compress_statistics=True,
+                                   quant_type="nf4")
+    return F.dequantize_4bit(codes, state).float(), 1e-6
+
+
 @pytest.mark.parametrize("name", list(QUANT))
 def test_quantized_residual_keeps_layer_settings(float_dir, name):
     batches = token_batches(2)
@@ -55,7 +68,15 @@ def test_quantized_residual_keeps_layer_settings(float_dir, name):
         settings, old = before[key]
         base = layer.get_base_layer()
         assert bnb_quant_settings(base) == settings
+        if name == "int8":
+            assert base.state.threshold == 5.0 and not base.state.has_fp16_weights
+        else:
+            assert base.weight.quant_type == "nf4" and base.weight.quant_state.nested
         A, B = factor_params(layer, "default")
+        with torch.no_grad():
+            target = dequantize_bnb_layer(old) - layer.scaling["default"] * (B.float() @ A.float())
+        reference, step = _requantized_by_bnb(name, target, settings)
+        assert ((dequantize_bnb_layer(base) - reference).abs() <= step).all()
         add_to_bnb_weight(old, layer.scaling["default"] * (B.float() @ A.float()), sign=-1)
         torch.testing.assert_close(dequantize_bnb_layer(base), dequantize_bnb_layer(old), rtol=0, atol=0)
     with torch.no_grad():
