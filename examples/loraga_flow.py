@@ -12,6 +12,7 @@ same initialisation.
 
     python examples/loraga_flow.py --smoke            # tiny sizes, a few steps
     python examples/loraga_flow.py --steps 200        # longer: compare the loss curve with plain LoRA
+    python examples/loraga_flow.py --smoke --dtype bf16   # a bf16 base: the init error is bf16's rounding
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import tempfile
 import torch
 
 
-def build_model(width: int, seed: int = 0):
+def build_model(width: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def make_batches(n: int, bsz: int, seq: int, seed: int = 1) -> list[dict]:
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> dict:
                           iters=args.ga_iters, bsz=args.batch_size)
     batches, probe = make_batches(16, args.batch_size, 16), make_batches(1, 2, 16, seed=9)[0]["input_ids"]
 
-    model = build_model(args.width)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = build_model(args.width, dtype=dtype)
     with torch.no_grad():
         base_logits = model(input_ids=probe).logits
     named_grad = estimate_gradient(model=model, dataloader=batches, peft_config=config)  # stops after `iters`
@@ -86,12 +88,12 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         trained = model(input_ids=probe).logits
     save_loraga_model_final(model, save_dir=save_dir)
-    reloaded = PeftModel.from_pretrained(build_model(args.width), save_dir).eval()
+    reloaded = PeftModel.from_pretrained(build_model(args.width, dtype=dtype), save_dir).eval()
     with torch.no_grad():
-        reload_error = (reloaded(input_ids=probe).logits - trained).abs().max().item()
+        reload_error = (reloaded(input_ids=probe).logits - trained).abs().max().item()  # bf16: the offset's rounding
 
     # Upstream PEFT's spelling: same initialisation, reached through LoraConfig + preprocess_loraga.
-    other = build_model(args.width)
+    other = build_model(args.width, dtype=dtype)
     up_config = LoraConfig(target_modules=targets, r=args.rank, lora_alpha=2 * args.rank, use_rslora=True,
                            init_lora_weights="lora_ga", lora_ga_config={"direction": "ArB2r", "scale": "stable"})
 
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--ga-iters", type=int, default=4)
     p.add_argument("--output-dir", default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="base weights' dtype (bf16: see the "
+                   "init_relative_error the rounding of W - s B A gives)")
     args = p.parse_args(argv)
     if args.smoke:
         args.width, args.rank, args.steps, args.ga_iters = 32, 2, 5, 2
