@@ -175,6 +175,17 @@ def test_forward_equals_the_dequantized_reference(float_dir, float_params, name)
         assert all(m.get_base_layer().weight.quant_state.packing_format_for_cpu for m in layers.values())
 
 
+@pytest.mark.parametrize("name", ["nf4-fp32", "int8"])
+def test_all_linear_targets_every_quantized_layer_but_not_the_head(float_dir, name):
+    model = load_quantized(float_dir, name)
+    assert type(model.lm_head) is nn.Linear and len(quantized_layers(model)) == N_TARGETS  # the head stays float
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = {k: type(m) for k, m in peft_model.base_model.tuner_layers()}
+    expected_cls = lora_bnb.Linear8bitLt if name == "int8" else lora_bnb.Linear4bit
+    assert len(wrapped) == N_TARGETS and set(wrapped.values()) == {expected_cls}
+    assert type(peft_model.base_model.model.lm_head) is nn.Linear
+
+
 def test_forward_keeps_a_bf16_input_dtype(float_dir):
     model = load_quantized(float_dir, "nf4-bf16-dq", dtype=BF16)
     peft_model = make_adapter(model)
