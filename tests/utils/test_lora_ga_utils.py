@@ -210,3 +210,26 @@ def test_shows_progress(capsys):
     estimate_gradient(llama(), token_batches(3))
     err = capsys.readouterr().err
     assert "Estimating gradients (LoRA-GA)" in err and "3/3" in err
+
+
+@pytest.mark.parametrize(("origin", "quant", "sizes", "order"), [
+    ("bf16", "nf4", [1, 1, 1, 1], [0, 1, 2, 3, 3, 2, 1, 0]),  # 16 / 4 bits: 4 chunks
+    ("fp16", "int8", [2, 2], [0, 0, 1, 1, 1, 1, 0, 0]),  # 16 / 8 bits: 2 chunks
+])
+def test_offload_runs_one_chunk_of_blocks_at_a_time(monkeypatch, origin, quant, sizes, order):
+    """Blocks split in bits(origin)/bits(quant) contiguous chunks; each block runs (forward, then its recomputation
+    in the backward pass, in reverse) with its own chunk the only one resident."""
+    from peft.tuners.loraga import offload
+    from tests.helpers.tiny_models import tiny_llama
+
+    calls, real = [], offload._Residency.activate
+
+    def spy(self, index):
+        real(self, index)
+        calls.append((index, self.current, [len(c) for c in self.chunks]))
+
+    monkeypatch.setattr(offload._Residency, "activate", spy)
+    estimate_gradient(tiny_llama(num_layers=4), token_batches(1), quant_flag=True, origin_type=origin,
+                      quant_type=quant, no_split_module_classes=["LlamaDecoderLayer"])
+    assert [c[0] for c in calls] == order and all(c[0] == c[1] for c in calls)
+    assert calls[0][2] == sizes
