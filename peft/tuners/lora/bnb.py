@@ -74,14 +74,7 @@ class QuantizedLinear(nn.Module, LoraLayer):
         if torch.is_grad_enabled() and (base.training or x.requires_grad):
             unpack_bnb_4bit_for_training(base)  # CPU-packed after an eval pass: its kernel has no backward
         result = self._base_forward(x, *args, **kwargs)
-        names = self._lora_active()
-        if not names:
-            return result
-        for name in names:
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + lora_B(lora_A(h)) * self.scaling[name]
-        return result.to(x.dtype)
+        return self._add_lora_branches(x, result, x.dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """`s * B @ A` (out, in) in fp32: a quantized weight has no float dtype to cast to."""
