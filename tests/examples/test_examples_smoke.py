@@ -104,12 +104,17 @@ def test_metamath_answer_extraction_and_masking():
 def test_demo_smoke_inline():
     demo = _script("demo_bbc_minilm")
     torch.set_num_threads(1)
-    results = demo.main(["--smoke", "--inline", "--methods", "lora", "--no-progress"])
-    (res,) = results
-    assert res["data"]["n_duplicates_removed"] > 0
-    assert res["data"]["n_train"] + res["data"]["n_val"] + res["data"]["n_test"] == res["data"]["n_unique"]
-    assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"])
-    assert 0 < res["trainable"] < res["total"] / 10
+    results = demo.main(["--smoke", "--inline", "--no-progress"])  # every method
+    assert [r["method"] for r in results] == list(demo.METHODS)
+    data = results[0]["data"]
+    assert data["n_duplicates_removed"] > 0
+    assert data["n_train"] + data["n_val"] + data["n_test"] == data["n_unique"]
+    for res in results:
+        assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"]), res["method"]
+        if res["method"] == "full":
+            assert res["trainable"] == res["total"]
+        else:  # adapters and the head only
+            assert 0 < res["trainable"] < res["total"] / 10, res["method"]
 
 
 def test_demo_data_dedup_and_split(tmp_path):
