@@ -67,3 +67,15 @@ def test_lora_step_interleaved_timing_covers_every_variant():
     variants = [("frozen", 0), ("full", 0), ("lora", 2), ("lora", 4)]
     times = bench.time_interleaved(job, variants)
     assert set(times) == set(variants) and all(0 < t < 10 for t in times.values())
+
+
+def test_cuda_bench_quick_runs_without_cuda():
+    """The GPU benchmark's code paths on tiny sizes (it falls back to the CPU): the offload gradients equal the
+    plain ones, and every optimizer variant reports a row."""
+    bench = _module("cuda_bench")
+    lines = bench.main(["--quick"])
+    check = next(line for line in lines if line.startswith("Check:"))
+    worst = float(check.split("at most ")[1].split()[0])
+    assert worst < 1e-2
+    for name in ("LoRA + torch AdamW", "LoRA-Pro full", "LoRA-Pro efficient", "full fine-tuning's optimizer"):
+        assert any(name in line for line in lines), name
