@@ -53,6 +53,14 @@ class LoraModel(BaseTuner):
             setattr(parent, target_name, layer)
         self._init_adapter_weights(layer, config, adapter_name, current_key)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        if self.peft_config[adapter_name].init_lora_weights == "lora_ga":  # base offsets only once all layers are in
+            from ..loraga.model import offsets_after_injection
+
+            with offsets_after_injection(self):
+                return super().inject_adapter(model, adapter_name)
+        super().inject_adapter(model, adapter_name)
+
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         """Hook for data-driven initialisations (LoRA-GA); plain LoRA keeps the layer's own init."""
         if config.init_lora_weights == "lora_ga":  # upstream's spelling of LoRA-GA

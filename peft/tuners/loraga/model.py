@@ -8,8 +8,9 @@ as stored and rounded once, so the model's output is unchanged at init. The grad
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -66,6 +67,13 @@ def _float_weight(base: nn.Module) -> torch.Tensor:
 def init_layer(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
                name: str = "this layer") -> None:
     """Set A, B of `adapter_name` on `layer` from `grad` (shaped like the stored weight) and offset the base."""
+    set_factors(layer, adapter_name, grad, options, name)
+    offset_base(layer, adapter_name)
+
+
+def set_factors(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
+                name: str = "this layer") -> None:
+    """A, B of `adapter_name` on `layer` from the SVD of `grad` (shaped like the stored weight); base untouched."""
     base, kind = layer.get_base_layer(), _kind(layer)
     weight = _float_weight(base)  # stored layout
     if tuple(grad.shape) != tuple(weight.shape):
@@ -83,19 +91,58 @@ def init_layer(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options:
             param_A.data, param_B.data = param_A.data.to(store), param_B.data.to(store)
         param_A.copy_(A.reshape(param_A.shape))  # rounded to the adapter's dtype here ...
         param_B.copy_(B.reshape(param_B.shape))
-        stored_A, stored_B = param_A.reshape(r, -1), param_B.reshape(-1, r)  # ... and used as stored below
+
+
+def offset_base(layer: LoraLayer, adapter_name: str) -> None:
+    """`W <- W - s B A` on `layer`'s base, from A and B of `adapter_name` as stored (fp32, rounded once)."""
+    base, kind = layer.get_base_layer(), _kind(layer)
+    r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
+    param_A, param_B = factor_params(layer, adapter_name)
+    with torch.no_grad():
+        stored_A, stored_B = param_A.reshape(r, -1), param_B.reshape(-1, r)  # (r, n), (m, r) as stored
         if quant.is_quantized(base):
             delta = scaling * (stored_B.float() @ stored_A.float())  # (m, n) == (out, in) for bnb Linear
             quant.requantize_residual(base, delta)
         else:
+            W = to_matrix(base.weight.data, kind)  # (m, n)
             new_W = offset_weight(W, stored_A, stored_B, scaling)  # (m, n), rounded once to W's dtype
             base.weight.data = from_matrix(new_W, kind, base.weight)
 
 
+def _check_own_weight(model: nn.Module, layer: LoraLayer, key: str) -> None:
+    """The offset rewrites the base weight in place: refuse a weight tied to another module (e.g. GPT-2's lm_head
+    and wte), whose output the offset would change too."""
+    weight = layer.get_base_layer().weight
+    owners = {normalize_name(n.rpartition(".")[0]) for n, p in model.named_parameters(remove_duplicate=False)
+              if p is weight}
+    others = sorted(owners - {normalize_name(key)})
+    if others:
+        raise ValueError(f"LoRA-GA offsets the base weight of {key!r}, but that weight is tied to {others}: the offset "
+                         "would change them too. Untie the weights (e.g. tie_word_embeddings=False) or leave "
+                         f"{key!r} out of target_modules.")
+
+
+@contextlib.contextmanager
+def offsets_after_injection(tuner) -> Iterator[None]:
+    """Inside: LoRA-GA layers get their A and B, and their base weights are offset only once the whole injection
+    has succeeded, so a failed `get_peft_model` / `add_adapter` (missing gradient, rank too large, ...) leaves the
+    base weights as they were. The `preprocess_loraga` gradients are dropped after the offsets."""
+    pending: list[tuple[LoraLayer, str, str]] = []
+    tuner.__dict__["_loraga_pending"] = pending
+    try:
+        yield
+    finally:
+        tuner.__dict__.pop("_loraga_pending", None)
+    for layer, adapter_name, key in pending:
+        offset_base(layer, adapter_name)
+        consume_gradient(tuner.model, key)
+
+
 def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
     """Shared by `LoraGAModel` and `LoraModel(init_lora_weights="lora_ga")`: look up the gradient of module `key`
-    for `tuner.model` and initialise. Without any waiting gradients the layer keeps LoRA's plain init (a warning
-    says so: that is what loading saved weights does)."""
+    for `tuner.model` and initialise (the base offset waits for the end of the injection when inside
+    `offsets_after_injection`). Without any waiting gradients the layer keeps LoRA's plain init (a warning says so:
+    that is what loading saved weights does)."""
     grads = active_gradients(tuner.model)
     if grads is None:
         if not getattr(tuner, "_warned_no_gradients", False):
@@ -111,9 +158,15 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
         sample = sorted(grads)[:5]
         raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover {len(grads)} modules "
                          f"(e.g. {sample}). Estimate with the same model and targets (peft_config=...).")
+    _check_own_weight(tuner.model, layer, key)
     options = LoraGAInitOptions.from_any(config.lora_ga_config if _is_upstream_spelling(config) else config)
-    init_layer(layer, adapter_name, grads[name], options, name=key)
-    consume_gradient(tuner.model, key)
+    set_factors(layer, adapter_name, grads[name], options, name=key)
+    pending = tuner.__dict__.get("_loraga_pending")
+    if pending is not None:
+        pending.append((layer, adapter_name, key))
+    else:
+        offset_base(layer, adapter_name)
+        consume_gradient(tuner.model, key)
 
 
 def _is_upstream_spelling(config) -> bool:
@@ -124,6 +177,10 @@ class LoraGAModel(LoraModel):
     """LoRA model whose new adapters are initialised by LoRA-GA (gradients from the open `LoraGAContext`)."""
 
     prefix: str = "lora_"
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        with offsets_after_injection(self):
+            super().inject_adapter(model, adapter_name)
 
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         init_from_gradients(self, layer, config, adapter_name, key)

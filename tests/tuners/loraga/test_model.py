@@ -128,10 +128,62 @@ def test_any_adapter_name_and_second_adapter():
 
 def test_missing_gradient_names_module():
     model, batches = llama(), token_batches()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = estimate_gradient(model, batches, peft_config=LoraGAConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"No estimated gradient for target module 'model\.layers\.0\.self_attn\.v_"):
         _wrap(model, LoraGAConfig(target_modules=["q_proj", "v_proj"], r=2), grads)
-    assert not any(isinstance(m, LoraLayer) for m in model.modules())  # all-or-nothing
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())  # all-or-nothing ...
+    for key, value in model.state_dict().items():  # ... the q_proj layers initialised first left no offset behind
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("upstream", [False, True])
+def test_failed_injection_leaves_base_weights_and_add_adapter_too(upstream):
+    """An error at the last target (rank too large there) comes after the other layers got their factors: none of
+    their base weights is offset, for get_peft_model (both spellings) and for add_adapter."""
+    model, batches = llama(), token_batches()
+    ref, state = _logits(model, batches[0]), {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = dict(target_modules=TARGETS, r=2, rank_pattern={r"layers\.1\.self_attn\.v_proj": 5})
+    config = (LoraConfig(init_lora_weights="lora_ga", **kwargs) if upstream else LoraGAConfig(**kwargs))
+    with pytest.raises(ValueError, match=r"2\*r <= min\(out, in\).*layers\.1\.self_attn\.v_proj"):
+        _wrap(model, config, _llama_grads())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not _PENDING and not _ACTIVE
+    peft_model = _wrap(model, LoraGAConfig(target_modules=["q_proj"], r=2), _llama_grads())
+    state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    with LoraGAContext(model=peft_model, named_grad=_llama_grads()), pytest.raises(ValueError, match="2\\*r"):
+        peft_model.add_adapter("second", LoraGAConfig(**kwargs))
+    assert all(torch.equal(v, state[k]) for k, v in peft_model.state_dict().items())
+    torch.testing.assert_close(_logits(peft_model, batches[0]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_conv1d_targets_and_tied_head():
+    """GPT-2's Conv1D (stored in x out): G and W are transposed to (out, in), so the stable scale uses
+    m = out_features; its tied lm_head / wte cannot be offset alone and is refused, naming the other module."""
+    from tests.helpers.tiny_models import tiny_gpt2
+
+    model, batches = tiny_gpt2(), token_batches()
+    grads = estimate_gradient(model, batches)
+    assert grads["transformer.h.0.attn.c_attn"].shape == (16, 48)  # like the stored weight
+    ref = _logits(model, batches[0])
+    with pytest.warns(UserWarning, match="Conv1D"):
+        peft_model = _wrap(model, LoraGAConfig(target_modules=["c_attn", "c_fc"], r=2, dtype="fp64"), grads)
+    rel = ((_logits(peft_model, batches[0]) - ref).norm() / ref.norm()).item()
+    assert rel < 1e-5
+    layer = peft_model.base_model.model.transformer.h[0].attn.c_attn
+    A, B = factor_params(layer, "default")
+    U, _, Vh = torch.linalg.svd(grads["transformer.h.0.attn.c_attn"].T.double(), full_matrices=False)  # (48, 16)
+    factor = 48**0.25 / 4
+    torch.testing.assert_close((A.double() @ Vh[:2].T).abs(), factor * torch.eye(2, dtype=torch.float64), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close((U[:, 2:4].T @ B.double()).abs(), factor * torch.eye(2, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    for target, other in (["lm_head", "transformer.wte"], ["wte", "lm_head"]):
+        model = tiny_gpt2()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"tied to \['{other}'\]"):
+            _wrap(model, LoraGAConfig(target_modules=["c_fc", target], r=2), grads)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_rank_too_large_is_clear():
