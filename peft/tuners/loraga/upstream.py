@@ -21,6 +21,8 @@ from torch import nn
 from .config import LoraGAInitOptions
 from .context import register_gradients
 
+_UPSTREAM_SUFFIX = "._peft_loraga_grad"  # the keys of upstream PEFT's preprocess_loraga cache file
+
 
 def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], None],
                       cache_file: Optional[str] = None) -> None:
@@ -28,7 +30,8 @@ def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], No
     backward passes) and keep them until `get_peft_model(model, lora_config)` initialises the layers.
 
     Each weight's gradient is averaged over the backward passes that reached it, in fp32. `cache_file`: load the
-    gradients from it when it exists (written with `torch.save`, read with `weights_only=True`), else save them."""
+    gradients from it when it exists (written with `torch.save`, read with `weights_only=True`; a cache written by
+    upstream PEFT, keyed `"<module>._peft_loraga_grad"`, reads too), else save them."""
     from ...utils.lora_ga_utils import capture_gradients, supported_weight_modules
 
     if getattr(lora_config, "init_lora_weights", None) != "lora_ga":
@@ -37,6 +40,7 @@ def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], No
     LoraGAInitOptions.from_any(lora_config.lora_ga_config)  # validate early
     if cache_file is not None and os.path.isfile(cache_file) and os.path.getsize(cache_file) > 0:
         named_grad = torch.load(cache_file, map_location="cpu", weights_only=True)
+        named_grad = {k.removesuffix(_UPSTREAM_SUFFIX): v for k, v in named_grad.items()}
     else:
         modules = supported_weight_modules(model, lora_config)
         if not modules:

@@ -265,6 +265,29 @@ def test_upstream_spelling_same_init():
     assert math.isclose(theirs.peft_config["default"].r, 2)
 
 
+def test_preprocess_loraga_cache_file_ours_and_upstreams(tmp_path):
+    """cache_file: written on the first call, read on the next (no train_step then); upstream PEFT's cache keys
+    (`<module>._peft_loraga_grad`) read as well, so an upstream user's cache gives the same init."""
+    config = LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights="lora_ga", lora_ga_config={"scale": "unit"})
+    model, batches = llama(), token_batches()
+
+    def train_step():
+        for batch in batches:
+            model(**batch).loss.backward()
+
+    ours = tmp_path / "ours.pt"
+    preprocess_loraga(model, config, train_step, cache_file=str(ours))
+    first = get_peft_model(model, config)
+    grads = torch.load(ours, weights_only=True)
+    torch.save({f"{k}._peft_loraga_grad": v for k, v in grads.items()}, tmp_path / "upstream.pt")
+    for cache in (ours, tmp_path / "upstream.pt"):
+        other = llama()
+        preprocess_loraga(other, config, lambda: pytest.fail("the cache must be used"), cache_file=str(cache))
+        again = get_peft_model(other, config)
+        for (_, la), (_, lb) in zip(first.base_model.tuner_layers(), again.base_model.tuner_layers()):
+            torch.testing.assert_close(la.get_base_layer().weight, lb.get_base_layer().weight, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("dtype", "compute", "stored"), [
     ("fp32", torch.float32, torch.float32), ("fp64", torch.float64, torch.float32),
     ("bf16", torch.float32, torch.bfloat16), ("fp16", torch.float32, torch.float16)])
