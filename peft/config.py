@@ -85,7 +85,8 @@ class PeftConfig:
         **kwargs,
     ) -> "PeftConfig":
         """Load `adapter_config.json` from a local folder or a hub repository id (offline: from the cache)."""
-        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("cache_dir", "token", "force_download")}
+        hub_names = ("cache_dir", "token", "force_download", "local_files_only", "repo_type")
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in hub_names}
         path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, revision, **hub_kwargs)
         data = cls.from_json_file(path)
         data.update(kwargs)

@@ -41,8 +41,7 @@ class PeftModel(nn.Module):
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5 spelling
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if checkpointing:
-            _enable_input_grads(model)
+        self._added_input_grad_hooks = bool(checkpointing) and _enable_input_grads(model)
 
     # --- plumbing -----------------------------------------------------------------------------------------------
     def _prepare_config(self, peft_config: PeftConfig, model: nn.Module) -> None:
@@ -68,6 +67,20 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Names of the modules trained whole, over every adapter (None when there are none)."""
+        names = {n for config in self.peft_config.values() for n in (getattr(config, "modules_to_save", None) or [])}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.get_base_model(), "dtype", None)
 
     def forward(self, *args, **kwargs):
         return self.get_base_model()(*args, **kwargs)
@@ -124,6 +137,10 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters on or off, active or not (nothing else changes)."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     @contextmanager
     def disable_adapter(self):
@@ -207,8 +224,11 @@ class PeftModel(nn.Module):
         peft_model = model_cls(model, config, adapter_name)
         try:
             peft_model._load_weights(weights, adapter_name, is_trainable)
-        except Exception:
-            peft_model.base_model.unload()
+        except Exception:  # put back every wrapped module (modules_to_save originals too), flag and hook
+            peft_model.base_model.purge_adapter(model, adapter_name)
+            model.__dict__.pop("peft_config", None)
+            if peft_model._added_input_grad_hooks:
+                model.disable_input_require_grads()
             _restore_requires_grad(model, snapshot)
             raise
         return peft_model
@@ -217,7 +237,8 @@ class PeftModel(nn.Module):
         self, model_id: str, adapter_name: str, is_trainable: bool = False, torch_device: Optional[str] = None,
         autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs,
     ):
-        """Load a saved adapter as `adapter_name` (replacing its weights if it exists). All-or-nothing."""
+        """Load a saved adapter as `adapter_name` (replacing its weights if it exists). All-or-nothing. A new
+        adapter is not made active; with `is_trainable=True` its weights require grad."""
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         config = PeftConfig.from_pretrained(model_id, **hub)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
@@ -227,7 +248,10 @@ class PeftModel(nn.Module):
         snapshot = _requires_grad_snapshot(self)
         self.add_adapter(adapter_name, config)
         try:
-            return self._load_weights(weights, adapter_name, is_trainable)
+            result = self._load_weights(weights, adapter_name, is_trainable)
+            if is_trainable:
+                self.set_requires_grad(adapter_name)
+            return result
         except Exception:
             self._remove_adapter_quietly(adapter_name, snapshot)
             raise
@@ -258,9 +282,16 @@ def _restore_requires_grad(model: nn.Module, snapshot: dict) -> None:
         param.requires_grad_(flag)
 
 
-def _enable_input_grads(model: nn.Module) -> None:
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+def _enable_input_grads(model: nn.Module) -> bool:
+    """Make the input embeddings' output require grad (checkpointed blocks need it); True if hooks were added
+    (none when transformers' hooks are already there)."""
+    def hooked() -> bool:  # transformers 5 keeps a list of hooks, 4 a single one
+        return bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+
+    if not hasattr(model, "enable_input_require_grads") or hooked():
+        return False
+    model.enable_input_require_grads()
+    return hooked() and hasattr(model, "disable_input_require_grads")
 
 
 __all__ = ["PeftModel", "ModulesToSaveWrapper"]

@@ -11,7 +11,7 @@ import torch
 import peft.utils.save_and_load as save_and_load
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from tests.helpers.lora_checks import assert_same_snapshot, module_snapshot, randomize_adapter
-from tests.helpers.tiny_models import TINY_MODELS, model_output
+from tests.helpers.tiny_models import TINY_MODELS, model_output, tiny_llama
 
 SPEC = TINY_MODELS["custom"]
 
@@ -291,3 +291,29 @@ def test_save_uses_temporary_name_then_rename(tmp_path, monkeypatch):
     _saved_adapter(tmp_path)
     assert sorted(c[2] for c in calls) == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(src != dst and folder == str(tmp_path) for folder, src, dst in calls)
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("hooked_before", [False, True])
+def test_failed_from_pretrained_with_checkpointing_leaves_no_input_grad_hook(tmp_path, hooked_before):
+    """With gradient checkpointing on, PeftModel makes the embeddings' output require grad (a forward hook, added
+    once); a failed load takes back the hook it added."""
+    saved = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    saved.save_pretrained(tmp_path)
+    model = tiny_llama()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    if not hooked_before:
+        model.disable_input_require_grads()
+    hooks = _hook_count(model)
+    assert hooks == int(hooked_before)
+    _edit_config(tmp_path, r=3)
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert _hook_count(model) == hooks
+    _edit_config(tmp_path, r=2)
+    PeftModel.from_pretrained(model, tmp_path)
+    assert _hook_count(model) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import pytest
 
@@ -129,6 +130,14 @@ def test_hub_id_from_cache_offline(tmp_path):
     assert (model_output(loaded(**spec.inputs())) - expected).abs().max() == 0
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         PeftConfig.from_pretrained("someone/tiny-adapter", cache_dir=cache)  # not at the repo root
+    with warnings.catch_warnings():  # hub options go to the hub, not into the config as unknown keys
+        warnings.simplefilter("error")
+        config = PeftConfig.from_pretrained("someone/tiny-adapter", subfolder="sub", cache_dir=cache,
+                                            local_files_only=True)
+        loaded = PeftModel.from_pretrained(spec.build(), "someone/tiny-adapter", subfolder="sub", cache_dir=cache,
+                                           local_files_only=True, torch_device="cpu")
+    assert config.target_modules == {"lin1"} and not hasattr(config, "local_files_only")
+    assert (model_output(loaded(**spec.inputs())) - expected).abs().max() == 0
 
 
 def test_bin_only_cached_hub_adapter_loads_offline(tmp_path):

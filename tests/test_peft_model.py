@@ -126,17 +126,48 @@ def test_disable_adapter_keeps_frozen_adapters_frozen(tmp_path):
     assert trainable_names(model) == before
 
 
-def test_unload_gives_back_the_original_modules():
+def test_unload_gives_back_the_original_layers_and_the_trained_modules_to_save_copy():
+    """As upstream: LoRA layers go without merging; a `modules_to_save` module becomes the active adapter's copy."""
     spec = TINY_MODELS["custom"]
     base = spec.build()
     originals = dict(base.named_children())
-    y = model_output(base(**spec.inputs()))
     model = get_peft_model(base, LoraConfig(target_modules=["lin1", "conv"], modules_to_save=["lin2"]))
     randomize_adapter(model, seed=1)
+    head = model.get_base_model().lin2.modules_to_save["default"]
+    assert not torch.equal(head.weight, originals["lin2"].weight)
+    reference = spec.build()
+    reference.lin2.load_state_dict(head.state_dict())
     plain = model.unload()
-    assert plain is base and dict(plain.named_children()) == originals
+    assert plain is base and plain.lin2 is head
+    others = {k: m for k, m in originals.items() if k != "lin2"}
+    assert {k: m for k, m in plain.named_children() if k != "lin2"} == others
+    assert not any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in plain.modules())
     assert not hasattr(plain, "peft_config")
-    torch.testing.assert_close(model_output(plain(**spec.inputs())), y, atol=0, rtol=0)
+    inputs = spec.inputs()
+    torch.testing.assert_close(model_output(plain(**inputs)), model_output(reference(**inputs)), atol=0, rtol=0)
+
+
+def test_adding_or_loading_an_adapter_keeps_the_others_trainability(tmp_path):
+    """A frozen (inference) adapter stays frozen when another is added; `load_adapter(..., is_trainable=True)`
+    makes the new, inactive adapter trainable (as upstream), `is_trainable=False` leaves it frozen."""
+    spec = TINY_MODELS["custom"]
+    saved = get_peft_model(spec.build(), LoraConfig(target_modules=["lin1"], modules_to_save=["lin2"]))
+    saved.save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(spec.build(), tmp_path)
+    assert trainable_names(model) == set()
+    model.add_adapter("added", LoraConfig(target_modules=["conv"]))
+    assert trainable_names(model) == set()
+    model.load_adapter(tmp_path, "frozen")
+    assert trainable_names(model) == set()
+    model.load_adapter(tmp_path, "train_me", is_trainable=True)
+    names = trainable_names(model)
+    assert names and all(".train_me." in n for n in names)
+    assert {n.split(".")[-3] for n in names} >= {"lora_A", "lora_B", "modules_to_save"}
+    assert model.active_adapter == "default"
+    model.set_requires_grad("train_me", requires_grad=False)
+    assert trainable_names(model) == set()
+    with pytest.raises(ValueError, match="nope"):
+        model.set_requires_grad("nope")
 
 
 def test_safe_merge_refuses_non_finite_weights():

@@ -89,14 +89,16 @@ class BaseTunerLayer:
         self._active_adapter = names[0] if len(names) == 1 else names
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove `adapter_name`; if it was active, the other active adapters stay active (else the first left)."""
         for attr in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, attr, None)
             if container is not None and adapter_name in container:
                 del container[adapter_name]
         if adapter_name in self.active_adapters:
-            remaining = self._all_available_adapter_names()
+            still_active = [n for n in self.active_adapters if n != adapter_name]
+            remaining = still_active or self._all_available_adapter_names()[:1]
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining)
             else:
                 self._active_adapter = []
 
@@ -158,6 +160,7 @@ class BaseTuner(nn.Module):
         """Replace every targeted module by a tuner layer carrying adapter `adapter_name`. All-or-nothing: on any
         error the modules, adapter weights and `requires_grad` flags are put back as they were."""
         snapshot = [(p, p.requires_grad) for p in model.parameters()]
+        had_adapters = any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in model.modules())
         try:
             self._inject(model, adapter_name)
         except Exception:
@@ -165,6 +168,9 @@ class BaseTuner(nn.Module):
             for param, flag in snapshot:
                 param.requires_grad_(flag)
             raise
+        if had_adapters:  # a further adapter leaves what was trainable (or frozen) before as it was
+            for param, flag in snapshot:
+                param.requires_grad_(flag)
 
     def purge_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Remove every trace of `adapter_name` from `model`'s layers (not from `peft_config`): its weights, and
@@ -180,6 +186,8 @@ class BaseTuner(nn.Module):
             if original is not None:
                 parent, _, name = get_submodules(model, key)
                 setattr(parent, name, original)
+        layers = {k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+        self.targeted_module_names = [k for k in getattr(self, "targeted_module_names", []) if k in layers]
 
     def _inject(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
@@ -203,7 +211,8 @@ class BaseTuner(nn.Module):
                 f"exclude_modules={_show(config.exclude_modules)}) matched no module of "
                 f"{type(model).__name__}; some module names: {_sample_names(model)}."
             )
-        self.targeted_module_names = getattr(self, "targeted_module_names", []) + matched
+        known = getattr(self, "targeted_module_names", [])
+        self.targeted_module_names = known + [k for k in matched if k not in known]
         _warn_if_weights_are_tied(model, matched)
         self._wrap_modules_to_save(model, config, adapter_name)
         self.set_adapter(self.active_adapters if adapter_name in self.active_adapters else self.active_adapters)
@@ -241,15 +250,34 @@ class BaseTuner(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Unknown adapter {name!r}; available adapters: {sorted(self.peft_config)}.")
+        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        for module in wrappers:  # checked before anything changes
+            module.check_set_adapter(names)
         for _, layer in self.tuner_layers():
             if layer.merged:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 layer.unmerge()
             layer.set_adapter(names)
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.set_adapter(names)
+        for module in wrappers:
+            module.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights (LoRA factors, `modules_to_save` copies) on or off,
+        whether they are active or not; nothing else changes."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_known(names)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                containers = [getattr(module, attr) for attr in module.adapter_layer_names]
+            elif isinstance(module, ModulesToSaveWrapper):
+                containers = [module.modules_to_save]
+            else:
+                continue
+            for container in containers:
+                for name in names:
+                    if name in container:
+                        container[name].requires_grad_(requires_grad)
 
     def enable_adapter_layers(self) -> None:
         self._set_adapter_layers(True)
@@ -265,15 +293,16 @@ class BaseTuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Unknown adapter {adapter_name!r}; available adapters: {sorted(self.peft_config)}.")
+        was_active = self.active_adapters
         del self.peft_config[adapter_name]
         for module in self.model.modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 module.delete_adapter(adapter_name)
-        if adapter_name in self.active_adapters:
-            remaining = [n for n in self.peft_config]
-            self.active_adapter = remaining[0] if remaining else []
+        if adapter_name in was_active:  # the other active adapters stay active; else the first one left
+            remaining = [n for n in was_active if n != adapter_name] or list(self.peft_config)[:1]
+            self.active_adapter = []
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining)
 
     # --- merge / unload -----------------------------------------------------------------------------------------
     def _check_known(self, adapter_names) -> None:
@@ -295,7 +324,8 @@ class BaseTuner(nn.Module):
         return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove every tuner layer without merging and return the original model."""
+        """Remove every tuner layer without merging and return the model; a `modules_to_save` module becomes the
+        active adapter's trained copy, as in `merge_and_unload` (upstream's behaviour)."""
         return self._unload(merge=False)
 
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
@@ -308,7 +338,7 @@ class BaseTuner(nn.Module):
         for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
             parent, target, target_name = get_submodules(self.model, key)
             if isinstance(target, ModulesToSaveWrapper):
-                replacement = target.unwrapped(use_adapter=merge)
+                replacement = target.unwrapped()  # the active adapter's trained copy, merged or not (as upstream)
             else:
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)

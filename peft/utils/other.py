@@ -79,11 +79,22 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         if self.active_adapter in self.modules_to_save:
             self.modules_to_save[self.active_adapter].requires_grad_(enabled)
 
-    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+    def check_set_adapter(self, adapter_names: Union[str, list[str]]) -> list[str]:
+        """The names among `adapter_names` that have a copy here; more than one cannot be active at once."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        held = [n for n in names if n in self.modules_to_save]
+        if len(held) > 1:
+            raise ValueError(f"Adapters {held} each have their own copy of this modules_to_save module; only one of "
+                             "them can be active at a time.")
+        return held
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Use (and train) the copy of the one named adapter that has one; none: the original module."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        held = self.check_set_adapter(names)
         for key, module in self.modules_to_save.items():
-            module.requires_grad_(key == names[0])
-        self._active_adapter = names[:1]
+            module.requires_grad_(key in held)
+        self._active_adapter = held or names[:1]
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
@@ -91,9 +102,9 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         if adapter_name == self.active_adapter and len(self.modules_to_save):
             self.set_adapter(next(iter(self.modules_to_save.keys())))
 
-    def unwrapped(self, use_adapter: bool) -> nn.Module:
-        """The module to put back when the wrapper is removed: the active copy, or the original."""
-        if use_adapter and self.active_adapter in self.modules_to_save:
+    def unwrapped(self) -> nn.Module:
+        """The module to put back when the wrapper is removed: the active adapter's copy, else the original."""
+        if self.active_adapter in self.modules_to_save:
             return self.modules_to_save[self.active_adapter]
         return self.original_module
 

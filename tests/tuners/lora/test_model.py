@@ -199,11 +199,13 @@ def test_rslora_scale_changes_output_by_sqrt_r():
 
 
 # --- several adapters -------------------------------------------------------------------------------------------
-def _two_adapters():
+def _two_adapters(other_head: bool = True):
+    """Adapters "default" and "other"; both train their own copy of `lin2` unless `other_head=False`."""
     spec = TINY_MODELS["custom"]
     model = get_peft_model(spec.build(dtype=F64), LoraConfig(r=2, target_modules=["lin1", "conv"],
                                                             modules_to_save=["lin2"]))
-    model.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["lin1", "emb"], modules_to_save=["lin2"]))
+    model.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["lin1", "emb"],
+                                          modules_to_save=["lin2"] if other_head else None))
     randomize_adapter(model, "default", seed=1)
     randomize_adapter(model, "other", seed=2)
     return spec, model.eval()
@@ -225,11 +227,27 @@ def test_add_and_switch_adapters():
     assert_layers_match_closed_form(model, inputs)
     model.set_adapter("default")
     torch.testing.assert_close(_out(model, inputs), y_default, atol=0, rtol=0)
-    model.base_model.set_adapter(["default", "other"])  # both at once: the updates add up
-    assert model.active_adapters == ["default", "other"]
-    assert_layers_match_closed_form(model, inputs)
+    before = trainable_names(model)
+    with pytest.raises(ValueError, match=r"\['default', 'other'\].*only one"):  # two copies of lin2: which one?
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"] and trainable_names(model) == before
+    torch.testing.assert_close(_out(model, inputs), y_default, atol=0, rtol=0)
     with pytest.raises(ValueError, match="nope"):
         model.set_adapter("nope")
+
+
+def test_several_active_adapters_add_up_and_use_the_one_head_copy():
+    spec, model = _two_adapters(other_head=False)
+    inputs = spec.inputs()
+    model.base_model.set_adapter(["other", "default"])  # both at once: the updates add up
+    assert model.active_adapters == ["other", "default"]
+    assert assert_layers_match_closed_form(model, inputs) == 3  # emb, conv, lin1
+    head = model.get_base_model().lin2
+    assert head.active_adapter == "default"  # the only adapter with a copy of lin2, though not the first name
+    head_params = {n.removeprefix("base_model.model.") for n in trainable_names(model) if "lin2" in n}
+    assert head_params == {"lin2.modules_to_save.default.weight", "lin2.modules_to_save.default.bias"}
+    model.delete_adapter("default")  # the other active adapter stays active
+    assert model.active_adapters == ["other"] and model.get_base_model().lin1.active_adapters == ["other"]
 
 
 def test_delete_adapter_removes_its_weights_and_keeps_the_other():
@@ -247,7 +265,7 @@ def test_delete_adapter_removes_its_weights_and_keeps_the_other():
 
 
 def test_merge_two_adapters_then_unmerge_restores_weights():
-    spec, model = _two_adapters()
+    spec, model = _two_adapters(other_head=False)
     inputs = spec.inputs()
     model.base_model.set_adapter(["default", "other"])
     y_both = _out(model, inputs)
