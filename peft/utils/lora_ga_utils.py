@@ -122,13 +122,15 @@ class _Accumulator:
 
     def hook(self, param: torch.Tensor) -> None:
         grad = param.grad.detach()
-        grad = grad.to("cpu", torch.float32) if self.on_cpu else grad.to(torch.float32)
+        # to the CPU in the gradient's own dtype (half the bytes of fp32 for bf16), summed there in fp32
+        grad = grad.to("cpu") if self.on_cpu else grad
         key = id(param)
         if key in self.sums:
-            self.sums[key].add_(grad.to(self.sums[key].device))
-        else:  # keep the first gradient itself (no copy) unless it views a shared buffer (DDP bucket views)
-            self.sums[key] = grad.clone() if param.grad._is_view() and grad.data_ptr() == param.grad.data_ptr() \
-                else grad
+            self.sums[key].add_(grad)  # in-place add promotes a bf16 gradient to the fp32 sum's precision
+        else:  # keep the first (fp32) gradient itself, no copy, unless it views a shared buffer (DDP bucket views)
+            first = grad.to(torch.float32)
+            shared = param.grad._is_view() and first.data_ptr() == param.grad.data_ptr()
+            self.sums[key] = first.clone() if shared else first
         self.counts[key] = self.counts.get(key, 0) + 1
         param.grad = None
 

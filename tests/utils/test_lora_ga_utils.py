@@ -154,11 +154,14 @@ def test_estimation_dataloader_tokenizes_text_with_bsz_iters_max_length():
     assert batches[0]["labels"].tolist() == [[2, 3, -100], [2, 3, 4]]
 
 
-def test_accumulates_in_fp32_on_a_bf16_model():
+@pytest.mark.parametrize("quant_flag", [False, True])
+def test_accumulates_in_fp32_on_a_bf16_model(quant_flag):
     """The mean of 8 bf16 gradients, summed in fp32, equals the fp64 sum of the same bf16 gradients to fp32
-    precision; a bf16 running sum would be off by ~1e-3 (checked below, so the comparison can tell them apart)."""
+    precision; a bf16 running sum would be off by ~1e-3 (checked below, so the comparison can tell them apart).
+    The offload path moves each bf16 gradient to the CPU as it is and sums it there in fp32."""
     batches = token_batches(8, seed=3)
-    grads = estimate_gradient(llama(torch.bfloat16), batches)
+    grads = estimate_gradient(llama(torch.bfloat16), batches, quant_flag=quant_flag,
+                              no_split_module_classes=["LlamaDecoderLayer"])
     ref = llama(torch.bfloat16).train()
     names = [n for n, m in ref.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     weights = [ref.get_submodule(n).weight for n in names]

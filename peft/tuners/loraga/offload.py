@@ -46,20 +46,46 @@ def find_blocks(model: nn.Module, no_split_module_classes: Optional[Sequence[str
 
 
 class _Residency:
-    """Keeps at most one chunk of blocks on `device`; the others wait on the CPU."""
+    """Keeps at most one chunk of blocks on `device`; the others wait on the CPU.
+
+    The weights do not change during the estimation, so a chunk is evicted by pointing its tensors back at the CPU
+    copies they came from (no device-to-host copy); only the host-to-device copy is paid, once per activation."""
 
     def __init__(self, chunks: list[list[nn.Module]], device: torch.device) -> None:
         self.chunks, self.device, self.current = chunks, device, None
+        self._home: dict[tuple[int, str], torch.Tensor] = {}  # (id(module), name) -> the CPU tensor
 
     def activate(self, index: int) -> None:
         if index == self.current:
             return
         if self.current is not None:
-            for block in self.chunks[self.current]:
-                block.to("cpu")
-        for block in self.chunks[index]:
-            block.to(self.device)
+            self._evict(self.current)
+        with torch.no_grad():
+            for block in self.chunks[index]:
+                for module in block.modules():
+                    for name, param in module.named_parameters(recurse=False):
+                        self._home[(id(module), name)] = param.data
+                        param.data = param.data.to(self.device)
+                    for name, buf in module.named_buffers(recurse=False):
+                        self._home[(id(module), name)] = buf
+                        module._buffers[name] = buf.to(self.device)
         self.current = index
+
+    def _evict(self, index: int) -> None:
+        with torch.no_grad():
+            for block in self.chunks[index]:
+                for module in block.modules():
+                    for name, param in module.named_parameters(recurse=False):
+                        param.data = self._home.pop((id(module), name))
+                    for name in list(module._buffers):
+                        if (id(module), name) in self._home:
+                            module._buffers[name] = self._home.pop((id(module), name))
+
+    def release(self) -> None:
+        """Evict the resident chunk (the blocks are back on their CPU tensors)."""
+        if self.current is not None:
+            self._evict(self.current)
+            self.current = None
 
 
 def _checkpointed(forward, residency: _Residency, index: int):
@@ -102,6 +128,7 @@ def block_offload(
                 block.forward = _checkpointed(block.forward, residency, index)
         yield len(chunks)
     finally:
+        residency.release()
         for block in blocks:
             block.__dict__.pop("forward", None)
         if use_cache is not None:
