@@ -27,7 +27,8 @@ def _validate_hyper(lr: float, betas: tuple[float, float], eps: float, weight_de
 
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
         raise bad("lr", lr, "a finite number >= 0")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+    in_range = isinstance(betas, (tuple, list)) and len(betas) == 2
+    if not (in_range and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
         raise bad("betas", betas, "a pair of numbers in [0, 1)")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise bad("eps", eps, "a finite number >= 0")
@@ -195,7 +196,8 @@ def register_lorapro_adjustment(
 ):
     """Make any torch optimizer a LoRA-Pro optimizer: a step pre-hook replaces the gradients of the LoRA-Pro
     factors by their adjusted gradients (paper eq. 8) right before each `optimizer.step()`. With SGD this is the
-    paper's Algorithm 1. Returns the hook's handle (`handle.remove()` uninstalls it)."""
+    paper's Algorithm 1. With a closure (`optimizer.step(closure)`, e.g. LBFGS) the gradients the closure makes are
+    adjusted right after each call of it. Returns the hook's handle (`handle.remove()` uninstalls it)."""
     if isinstance(optimizer, LoraProAdamW):
         raise ValueError("LoraProAdamW already adjusts the gradients; registering the adjustment would do it twice.")
     if not isinstance(optimizer, Optimizer):
@@ -213,20 +215,37 @@ def register_lorapro_adjustment(
     if not pairs:
         raise ValueError("The optimizer holds no LoRA-Pro factor of this model.")
 
-    def adjust(opt: Optimizer, args: tuple, kwargs: dict) -> None:
-        with torch.no_grad():
-            for pair in pairs:
-                if pair.A.grad is None and pair.B.grad is None:
-                    continue
-                gA, gB = pair.layer.lorapro_adjusted_gradients(
-                    pair.adapter_name, _grad(pair.A), _grad(pair.B), x_mode, damping)
-                for param, new in ((pair.A, gA), (pair.B, gB)):
-                    if param.grad is None:
-                        param.grad = new.to(param.dtype)
-                    else:
-                        param.grad.copy_(new)
+    def adjust(opt: Optimizer, args: tuple, kwargs: dict):  # args: (optimizer, *step's positional arguments)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            _adjust_gradients(pairs, x_mode, damping)
+            return None
+
+        def adjusted_closure():  # the step makes its gradients inside the closure: adjust them there
+            loss = closure()
+            _adjust_gradients(pairs, x_mode, damping)
+            return loss
+
+        if len(args) > 1:
+            return (args[0], adjusted_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": adjusted_closure}
 
     return optimizer.register_step_pre_hook(adjust)
+
+
+@torch.no_grad()
+def _adjust_gradients(pairs: list[LoraProPair], x_mode: Optional[str], damping: Optional[float]) -> None:
+    """Replace the gradients of every pair's A and B by their adjusted gradients (paper eq. 8), in place."""
+    for pair in pairs:
+        if pair.A.grad is None and pair.B.grad is None:
+            continue
+        gA, gB = pair.layer.lorapro_adjusted_gradients(
+            pair.adapter_name, _grad(pair.A), _grad(pair.B), x_mode, damping)
+        for param, new in ((pair.A, gA), (pair.B, gB)):
+            if param.grad is None:
+                param.grad = new.to(param.dtype)
+            else:
+                param.grad.copy_(new)
 
 
 def seed_cosine_scale(step: int, T_max: int) -> float:

@@ -5,6 +5,7 @@ torch's AdamW fed the adjusted gradients, state_dict round trip, errors."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import pytest
@@ -152,6 +153,24 @@ def test_sgd_with_registered_adjustment_is_algorithm_1():
     raw = A.grad.clone()
     opt.step()  # no adjustment any more
     assert torch.equal(A.grad, raw)
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_registered_adjustment_with_a_closure_adjusts_the_closure_gradients(positional):
+    """`step(closure)`: the closure makes the gradients inside the step, so they are adjusted after it runs (a pre-hook
+    alone would adjust the previous gradients and let the step use the plain ones)."""
+    models = [_model(init_lora_weights=False), _model(init_lora_weights=False)]
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in models]
+    for m, o in zip(models, opts):
+        register_lorapro_adjustment(o, m)
+    for seed in (1, 2):
+        _backward(models[0], seed)
+        opts[0].step()
+        closure = functools.partial(_backward, models[1], seed)
+        loss = opts[1].step(closure) if positional else opts[1].step(closure=closure)
+        assert torch.isfinite(loss)
+    for (name, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(q, p, atol=1e-12, rtol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["full", "efficient"])
