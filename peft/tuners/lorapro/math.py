@@ -45,20 +45,23 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # --- r x r Gram matrices ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Grams:
-    """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (r, r) / (r,))."""
+    """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (r, r) / (r,)),
+    with the pseudo-inverted eigenvalues `ib = lb^+`, `ia = la^+` (computed once, used by every inverse)."""
 
     qb: torch.Tensor  # (r, r)
     lb: torch.Tensor  # (r,)
     qa: torch.Tensor  # (r, r)
     la: torch.Tensor  # (r,)
+    ib: torch.Tensor  # (r,)
+    ia: torch.Tensor  # (r,)
 
     def inv_b(self, y: torch.Tensor) -> torch.Tensor:
         """`(B^T B + dI)^+ y` for y (r, k)."""
-        return self.qb @ (_pinv_values(self.lb)[:, None] * (self.qb.T @ y))
+        return self.qb @ (self.ib[:, None] * (self.qb.T @ y))
 
     def inv_a_right(self, y: torch.Tensor) -> torch.Tensor:
         """`y (A A^T + dI)^+` for y (k, r)."""
-        return ((y @ self.qa) * _pinv_values(self.la)[None, :]) @ self.qa.T
+        return ((y @ self.qa) * self.ia[None, :]) @ self.qa.T
 
 
 def _floor(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -70,7 +73,7 @@ def _floor(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _pinv_values(lam: torch.Tensor) -> torch.Tensor:
     """`1 / lam` where lam is above the floor, 0 elsewhere (pseudo-inverse of a symmetric PSD matrix)."""
     keep = lam > _floor(lam, lam.max())
-    return torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    return torch.where(keep, lam.reciprocal(), 0.0)  # lam >= 0: an inf from 1/0 is never selected
 
 
 def _sym_eig(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +86,7 @@ def grams(A: torch.Tensor, B: torch.Tensor, damping: float = 0.0) -> Grams:
     """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (r, n), B (m, r), same compute dtype."""
     lb, qb = _sym_eig(B.T @ B, damping)
     la, qa = _sym_eig(A @ A.T, damping)
-    return Grams(qb=qb, lb=lb, qa=qa, la=la)
+    return Grams(qb=qb, lb=lb, qa=qa, la=la, ib=_pinv_values(lb), ia=_pinv_values(la))
 
 
 def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,7 @@ def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
     floor (both Grams singular in that direction) gives 0 there: the minimum-norm least-squares solution."""
     denom = g.lb[:, None] + g.la[None, :]  # (r, r)
     keep = denom > _floor(denom, denom.max())
-    inv = torch.where(keep, 1.0 / torch.where(keep, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+    inv = torch.where(keep, denom.reciprocal(), 0.0)  # denom >= 0: an inf from 1/0 is never selected
     return g.qb @ ((g.qb.T @ C @ g.qa) * inv) @ g.qa.T
 
 
@@ -128,6 +131,18 @@ def choose_x(
     raise ValueError(f"Invalid x_mode={x_mode!r}: expected one of {X_MODES}.")
 
 
+def adjust(
+    g: Grams, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
+    x_mode: XMode = "sylvester",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper eq. 8 with the Grams of (A, B) already decomposed; all inputs in one compute dtype.
+    Returns `(gA' (r, n), gB' (m, r))`."""
+    X = choose_x(A, gA, s, g, x_mode)  # (r, r)
+    new_gA = g.inv_b(gA) / s**2 + X @ A  # (r, n)
+    new_gB = g.inv_a_right(project_out_b(B, g, gB)) / s**2 - B @ X  # (m, r)
+    return new_gA, new_gB
+
+
 def adjusted_gradients(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     x_mode: XMode = "sylvester", damping: float = 0.0,
@@ -137,19 +152,18 @@ def adjusted_gradients(
     Inputs may be any float dtype; the result is in `compute_dtype` (fp32, or fp64 for fp64 inputs)."""
     dtype = compute_dtype(A, B, gA, gB)
     A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
-    g = grams(A, B, damping)
-    X = choose_x(A, gA, s, g, x_mode)  # (r, r)
-    new_gA = g.inv_b(gA) / s**2 + X @ A  # (r, n)
-    new_gB = g.inv_a_right(project_out_b(B, g, gB)) / s**2 - B @ X  # (m, r)
-    return new_gA, new_gB
+    return adjust(grams(A, B, damping), A, B, gA, gB, s, x_mode)
 
 
 def equivalent_gradient(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float
 ) -> torch.Tensor:
-    """`g~ = s B gA + s gB A` (m, n): the first-order change of W per unit step along (gA, gB) (paper eq. 5)."""
+    """`g~ = s B gA + s gB A` (m, n): the first-order change of W per unit step along (gA, gB) (paper eq. 5).
+
+    Computed as one product `(s [B, gB]) [gA; A]` ((m, 2r) times (2r, n)): the only (m, n) tensor made."""
     dtype = compute_dtype(A, B, gA, gB)
-    return s * (B.to(dtype) @ gA.to(dtype)) + s * (gB.to(dtype) @ A.to(dtype))
+    left = torch.cat([B.to(dtype), gB.to(dtype)], dim=1).mul_(s)  # (m, 2r)
+    return left @ torch.cat([gA.to(dtype), A.to(dtype)], dim=0)  # (m, n)
 
 
 def projected_gradient(
@@ -176,20 +190,22 @@ class AdamHyper:
 
 
 def adam_direction(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: int, hp: AdamHyper
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: int, hp: AdamHyper,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Update the fp32 moments in place with `grad` and return `U = m_hat / (sqrt(v_hat) + eps)`.
 
     `m <- b1 m + (1 - b1) grad`, `v <- b2 v + (1 - b2) grad^2`, `m_hat = m / (1 - b1^t)`, `v_hat = v / (1 - b2^t)`
-    with `t = step` counted from 1 (the bias correction is exact at the first step)."""
+    with `t = step` counted from 1 (the bias correction is exact at the first step). U is written into `out` when
+    given (a tensor of the moments' shape and dtype, `grad` itself allowed: it is read before U is written)."""
     if step < 1:
         raise ValueError(f"Invalid step={step!r}: expected a step count starting at 1.")
     grad = grad.to(exp_avg.dtype)
     exp_avg.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1.0 - hp.beta2)
-    # m_hat / (sqrt(v_hat) + eps) with two (m, n) temporaries instead of five (large in full mode)
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - hp.beta2**step)).add_(hp.eps)
-    return torch.div(exp_avg, denom).div_(1.0 - hp.beta1**step)
+    # m_hat / (sqrt(v_hat) + eps) with one (m, n) temporary, or none with `out` (large in full mode)
+    denom = torch.sqrt(exp_avg_sq, out=out).div_(math.sqrt(1.0 - hp.beta2**step)).add_(hp.eps)
+    return torch.div(exp_avg, denom, out=denom).div_(1.0 - hp.beta1**step)
 
 
 def decoupled_update(param: torch.Tensor, direction: torch.Tensor, hp: AdamHyper) -> torch.Tensor:
@@ -209,12 +225,15 @@ def full_mode_step(
     2. Adam moments of `g~` in the full (m, n) space (fp32; updated in place), `U = m_hat / (sqrt(v_hat) + eps)`;
     3. U is treated as the full gradient: `gA_U = s B^T U`, `gB_U = s U A^T`, adjusted again (eq. 8, X per x_mode);
     4. `A <- A - lr (gA_U' + wd A)`, `B <- B - lr (gB_U' + wd B)`."""
-    g_tilde = projected_gradient(A, B, gA, gB, s, damping)  # (m, n)
-    U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp).to(g_tilde.dtype)  # (m, n)
-    A_c, B_c = A.to(U.dtype), B.to(U.dtype)
-    uA, uB = lora_gradients(A_c, B_c, U, s)
-    new_gA, new_gB = adjusted_gradients(A_c, B_c, uA, uB, s, x_mode, damping)
-    return decoupled_update(A_c, new_gA, hp), decoupled_update(B_c, new_gB, hp)
+    dtype = compute_dtype(A, B, gA, gB)
+    A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
+    g = grams(A, B, damping)  # A and B do not change within the step: one decomposition serves both adjustments
+    g_tilde = equivalent_gradient(A, B, *adjust(g, A, B, gA, gB, s, "zero"), s)  # (m, n), X-free (projection)
+    in_place = g_tilde if g_tilde.dtype == exp_avg.dtype else None  # U overwrites g~ (read first): no 2nd (m, n)
+    U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp, out=in_place).to(dtype)  # (m, n)
+    uA, uB = lora_gradients(A, B, U, s)
+    new_gA, new_gB = adjust(g, A, B, uA, uB, s, x_mode)
+    return decoupled_update(A, new_gA, hp), decoupled_update(B, new_gB, hp)
 
 
 def efficient_mode_step(
