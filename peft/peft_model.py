@@ -223,7 +223,7 @@ class PeftModel(nn.Module):
         snapshot = _requires_grad_snapshot(model)
         peft_model = model_cls(model, config, adapter_name)
         try:
-            peft_model._load_weights(weights, adapter_name, is_trainable)
+            peft_model._load_weights(weights, adapter_name, is_trainable, kwargs.get("ignore_mismatched_sizes", False))
         except Exception:  # put back every wrapped module (modules_to_save originals too), flag and hook
             peft_model.base_model.purge_adapter(model, adapter_name)
             model.__dict__.pop("peft_config", None)
@@ -240,15 +240,16 @@ class PeftModel(nn.Module):
         """Load a saved adapter as `adapter_name` (replacing its weights if it exists). All-or-nothing. A new
         adapter is not made active; with `is_trainable=True` its weights require grad."""
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)  # skip them with a warning
         config = PeftConfig.from_pretrained(model_id, **hub)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
-            return self._load_weights(weights, adapter_name, is_trainable)
+            return self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes)
         snapshot = _requires_grad_snapshot(self)
         self.add_adapter(adapter_name, config)
         try:
-            result = self._load_weights(weights, adapter_name, is_trainable)
+            result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes)
             if is_trainable:
                 self.set_requires_grad(adapter_name)
             return result
@@ -256,8 +257,9 @@ class PeftModel(nn.Module):
             self._remove_adapter_quietly(adapter_name, snapshot)
             raise
 
-    def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool):
-        result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+    def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool, ignore_mismatched_sizes=False):
+        result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                           ignore_mismatched_sizes=ignore_mismatched_sizes)
         if not is_trainable:
             for name, param in self.named_parameters():
                 if f".{adapter_name}." in name + "." and ("lora_" in name or "modules_to_save" in name):

@@ -317,3 +317,23 @@ def test_failed_from_pretrained_with_checkpointing_leaves_no_input_grad_hook(tmp
     _edit_config(tmp_path, r=2)
     PeftModel.from_pretrained(model, tmp_path)
     assert _hook_count(model) == 1
+
+
+def test_only_one_adapter_may_train_the_base_biases():
+    model = get_peft_model(SPEC.build(), LoraConfig(target_modules=["lin1"], bias="all"))
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=r"\['default', 'b'\].*bias"):
+        model.add_adapter("b", LoraConfig(target_modules=["conv"], bias="lora_only"))
+    assert_same_snapshot(before, module_snapshot(model))
+    assert list(model.peft_config) == ["default"]
+    model.add_adapter("c", LoraConfig(target_modules=["conv"]))  # bias="none" beside it is fine
+
+
+def test_ignore_mismatched_sizes_skips_those_tensors_with_a_warning(tmp_path):
+    _saved_adapter(tmp_path / "ad", r=2)
+    _edit_config(tmp_path / "ad", r=3)
+    with pytest.warns(UserWarning, match="Skipped tensors of another shape"):
+        model = PeftModel.from_pretrained(SPEC.build(), tmp_path / "ad", ignore_mismatched_sizes=True)
+    with pytest.warns(UserWarning, match="Skipped tensors of another shape"):
+        model.load_adapter(tmp_path / "ad", "other", ignore_mismatched_sizes=True)
+    assert model.get_base_model().lin1.r == {"default": 3, "other": 3}

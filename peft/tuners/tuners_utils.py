@@ -153,7 +153,12 @@ class BaseTuner(nn.Module):
         return config
 
     def _check_new_adapter_config(self, config) -> None:
-        pass
+        """Called with the new adapter's config already in `peft_config`. Base biases are shared by every adapter,
+        so only one adapter may train them."""
+        with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if len(with_bias) > 1:
+            raise ValueError(f"Adapters {with_bias} all train the base biases (bias != 'none'); only one adapter of "
+                             "a model may, so set bias='none' for the others.")
 
     # --- injection ----------------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
