@@ -96,7 +96,12 @@ def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
 
     Only the layers owning one of `params` are looked at (other models in the process do not matter). Raises
     ValueError for a parameter that no LoRA-Pro layer owns, or whose partner factor is frozen or not in `params`."""
-    params = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
+    params = list(params)
+    for index, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):  # e.g. a param-group dict: its tensors would be silently left out
+            raise ValueError(f"Parameter #{index} is a {type(param).__name__}, expected a tensor (AdamWLoRAPro takes "
+                             "the LoRA-Pro A/B parameters themselves, not parameter groups).")
+    params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("AdamWLoRAPro got no trainable parameters.")
     owner: dict[int, tuple[LoraProPair, str]] = {}

@@ -280,6 +280,8 @@ def test_adamw_lorapro_seed_api():
         AdamWLoRAPro([nn.Parameter(torch.zeros(3))])
     with pytest.raises(ValueError, match="T_max=0"):
         AdamWLoRAPro(lora, T_max=0)
+    with pytest.raises(ValueError, match="Parameter #1 is a dict, expected a tensor"):
+        AdamWLoRAPro([lora[0], {"params": lora[1:]}])
 
 
 def test_bad_input_errors():
