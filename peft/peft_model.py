@@ -132,8 +132,9 @@ class PeftModel(nn.Module):
         self.base_model.purge_adapter(self.get_base_model(), adapter_name)
         _restore_requires_grad(self, snapshot)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make the named adapter(s) active and trainable (frozen with `inference_mode=True`); others are frozen."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)

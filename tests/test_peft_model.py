@@ -166,6 +166,10 @@ def test_adding_or_loading_an_adapter_keeps_the_others_trainability(tmp_path):
     assert model.active_adapter == "default"
     model.set_requires_grad("train_me", requires_grad=False)
     assert trainable_names(model) == set()
+    model.set_adapter("frozen", inference_mode=True)  # active, still frozen
+    assert model.active_adapter == "frozen" and trainable_names(model) == set()
+    model.set_adapter("frozen")
+    assert trainable_names(model) and all(".frozen." in n for n in trainable_names(model))
     with pytest.raises(ValueError, match="nope"):
         model.set_requires_grad("nope")
 

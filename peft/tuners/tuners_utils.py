@@ -250,7 +250,7 @@ class BaseTuner(nn.Module):
         """(name, layer) for every tuner layer of the wrapped model."""
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
@@ -266,6 +266,8 @@ class BaseTuner(nn.Module):
         for module in wrappers:
             module.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
+        if inference_mode:
+            self.set_requires_grad(names, requires_grad=False)
 
     def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
         """Switch gradients of the named adapters' weights (LoRA factors, `modules_to_save` copies) on or off,
