@@ -338,3 +338,13 @@ def test_tied_weights_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         get_peft_model(TINY_MODELS["llama"].build(), LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+
+
+@pytest.mark.parametrize("exclude,expected", [
+    (["q_proj"], {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}),
+    (r".*layers\.0\..*", {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}),
+])
+def test_exclude_modules_as_names_or_regex(exclude, expected):
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=exclude)
+    model = get_peft_model(TINY_MODELS["llama"].build(), config)
+    assert {name for name, _ in model.base_model.tuner_layers()} == expected
