@@ -201,11 +201,13 @@ def adam_direction(
     if step < 1:
         raise ValueError(f"Invalid step={step!r}: expected a step count starting at 1.")
     grad = grad.to(exp_avg.dtype)
-    exp_avg.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
+    exp_avg.lerp_(grad, 1.0 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1.0 - hp.beta2)
-    # m_hat / (sqrt(v_hat) + eps) with one (m, n) temporary, or none with `out` (large in full mode)
-    denom = torch.sqrt(exp_avg_sq, out=out).div_(math.sqrt(1.0 - hp.beta2**step)).add_(hp.eps)
-    return torch.div(exp_avg, denom, out=denom).div_(1.0 - hp.beta1**step)
+    # m_hat / (sqrt(v_hat) + eps) = (sqrt(1 - b2^t) / (1 - b1^t)) m / (sqrt(v) + sqrt(1 - b2^t) eps): three passes
+    # over (m, n) after the moments', with one (m, n) temporary, or none with `out` (large in full mode)
+    root_bc2 = math.sqrt(1.0 - hp.beta2**step)
+    denom = torch.sqrt(exp_avg_sq, out=out).add_(hp.eps * root_bc2)
+    return torch.div(exp_avg, denom, out=denom).mul_(root_bc2 / (1.0 - hp.beta1**step))
 
 
 def decoupled_update(param: torch.Tensor, direction: torch.Tensor, hp: AdamHyper) -> torch.Tensor:
