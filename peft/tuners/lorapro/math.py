@@ -46,22 +46,22 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 @dataclass(frozen=True)
 class Grams:
     """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (r, r) / (r,)),
-    with the pseudo-inverted eigenvalues `ib = lb^+`, `ia = la^+` (computed once, used by every inverse)."""
+    and the two (r, r) pseudo-inverses they give, `binv = (B^T B + dI)^+`, `ainv = (A A^T + dI)^+`."""
 
     qb: torch.Tensor  # (r, r)
     lb: torch.Tensor  # (r,)
     qa: torch.Tensor  # (r, r)
     la: torch.Tensor  # (r,)
-    ib: torch.Tensor  # (r,)
-    ia: torch.Tensor  # (r,)
+    binv: torch.Tensor  # (r, r)
+    ainv: torch.Tensor  # (r, r)
 
     def inv_b(self, y: torch.Tensor) -> torch.Tensor:
         """`(B^T B + dI)^+ y` for y (r, k)."""
-        return self.qb @ (self.ib[:, None] * (self.qb.T @ y))
+        return self.binv @ y
 
     def inv_a_right(self, y: torch.Tensor) -> torch.Tensor:
         """`y (A A^T + dI)^+` for y (k, r)."""
-        return ((y @ self.qa) * self.ia[None, :]) @ self.qa.T
+        return y @ self.ainv
 
 
 def _floor(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,11 @@ def _pinv_values(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, lam.reciprocal(), 0.0)  # lam >= 0: an inf from 1/0 is never selected
 
 
+def _pinv(q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """`Q diag(lam^+) Q^T` (r, r): the pseudo-inverse of the symmetric PSD matrix `Q diag(lam) Q^T`."""
+    return (q * _pinv_values(lam)[None, :]) @ q.T
+
+
 def _sym_eig(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     gram = 0.5 * (gram + gram.T)  # exact symmetry for eigh
     lam, q = torch.linalg.eigh(gram)
@@ -86,7 +91,7 @@ def grams(A: torch.Tensor, B: torch.Tensor, damping: float = 0.0) -> Grams:
     """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (r, n), B (m, r), same compute dtype."""
     lb, qb = _sym_eig(B.T @ B, damping)
     la, qa = _sym_eig(A @ A.T, damping)
-    return Grams(qb=qb, lb=lb, qa=qa, la=la, ib=_pinv_values(lb), ia=_pinv_values(la))
+    return Grams(qb=qb, lb=lb, qa=qa, la=la, binv=_pinv(qb, lb), ainv=_pinv(qa, la))
 
 
 def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
@@ -104,11 +109,6 @@ def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
 def lora_gradients(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The LoRA gradients a full gradient g (m, n) induces: `gA = s B^T g` (r, n), `gB = s g A^T` (m, r) (eq. 3)."""
     return s * (B.T @ g), s * (g @ A.T)
-
-
-def project_out_b(B: torch.Tensor, g: Grams, Y: torch.Tensor) -> torch.Tensor:
-    """`(I - B (B^T B)^+ B^T) Y` for Y (m, k), as `Y - B ((B^T B)^+ (B^T Y))`: no (m, m) matrix."""
-    return Y - B @ g.inv_b(B.T @ Y)
 
 
 def choose_x(
@@ -136,10 +136,17 @@ def adjust(
     x_mode: XMode = "sylvester",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper eq. 8 with the Grams of (A, B) already decomposed; all inputs in one compute dtype.
-    Returns `(gA' (r, n), gB' (m, r))`."""
+    Returns `(gA' (r, n), gB' (m, r))`, with `Binv = (B^T B)^+`, `Ainv = (A A^T)^+` (damped):
+
+        gA' = (1/s^2) Binv gA + X A
+        gB' = (1/s^2) (gB - B Binv B^T gB) Ainv - B X = (1/s^2) gB Ainv - B ((1/s^2) Binv (B^T gB) Ainv + X)
+
+    The projector is applied as `Y - B (Binv (B^T Y))` with its (r, r) parts grouped first: no (m, m) matrix, and
+    four products with a dimension m or n (besides those of `choose_x`)."""
     X = choose_x(A, gA, s, g, x_mode)  # (r, r)
-    new_gA = g.inv_b(gA) / s**2 + X @ A  # (r, n)
-    new_gB = g.inv_a_right(project_out_b(B, g, gB)) / s**2 - B @ X  # (m, r)
+    new_gA = torch.addmm(X @ A, g.binv, gA, alpha=1.0 / s**2)  # (r, n)
+    inner = g.binv @ (B.T @ gB) @ g.ainv / s**2 + X  # (r, r)
+    new_gB = torch.addmm(B @ inner, gB, g.ainv, beta=-1.0, alpha=1.0 / s**2)  # (m, r)
     return new_gA, new_gB
 
 
