@@ -197,7 +197,9 @@ def register_lorapro_adjustment(
     """Make any torch optimizer a LoRA-Pro optimizer: a step pre-hook replaces the gradients of the LoRA-Pro
     factors by their adjusted gradients (paper eq. 8) right before each `optimizer.step()`. With SGD this is the
     paper's Algorithm 1. With a closure (`optimizer.step(closure)`, e.g. LBFGS) the gradients the closure makes are
-    adjusted right after each call of it. Returns the hook's handle (`handle.remove()` uninstalls it)."""
+    adjusted right after each call of it. A wrapper such as accelerate's `AcceleratedOptimizer` gets the hook on the
+    optimizer it wraps. Returns the hook's handle (`handle.remove()` uninstalls it)."""
+    optimizer = _innermost(optimizer)
     if isinstance(optimizer, LoraProAdamW):
         raise ValueError("LoraProAdamW already adjusts the gradients; registering the adjustment would do it twice.")
     if not isinstance(optimizer, Optimizer):
@@ -231,6 +233,14 @@ def register_lorapro_adjustment(
         return args, {**kwargs, "closure": adjusted_closure}
 
     return optimizer.register_step_pre_hook(adjust)
+
+
+def _innermost(optimizer: Optimizer) -> Optimizer:
+    """The optimizer whose `step` really runs: accelerate's `AcceleratedOptimizer` (as the Trainer holds it) keeps it
+    in `.optimizer` and has no step hooks of its own."""
+    while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 @torch.no_grad()

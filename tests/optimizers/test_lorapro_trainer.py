@@ -103,3 +103,30 @@ def test_bf16_autocast_efficient_mode(tmp_path):
     trainer.args.save_strategy = "no"
     trainer.train()
     assert all(torch.isfinite(v).all() for v in _adapter(model).values())
+
+
+def test_registered_adjustment_on_an_accelerate_prepared_optimizer():
+    """`register_lorapro_adjustment` on the `AcceleratedOptimizer` that `accelerator.prepare` returns (it has no step
+    hooks of its own) adjusts like on the plain optimizer."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from peft.optimizers import register_lorapro_adjustment
+    from tests.optimizers.test_lorapro import _backward
+    from tests.optimizers.test_lorapro import _model as _small_model
+
+    model = _small_model(init_lora_weights=False)
+    twin = copy.deepcopy(model)
+    ref = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.1)
+    register_lorapro_adjustment(ref, twin)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model, prepared = Accelerator(cpu=True).prepare(model, sgd)
+    assert prepared is not sgd
+    handle = register_lorapro_adjustment(prepared, model)
+    for mdl, opt in ((model, prepared), (twin, ref)):
+        _backward(mdl, 1)
+        opt.step()
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-10, msg=name)
+    handle.remove()
