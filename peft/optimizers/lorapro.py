@@ -116,10 +116,12 @@ class LoraProAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for pair in self._pairs:
-            if pair.A.grad is None and pair.B.grad is None:
-                continue
-            self._step_pair(pair, group_of[id(pair.A)])
+        todo = [pair for pair in self._pairs if pair.A.grad is not None or pair.B.grad is not None]
+        options = [self._options(pair, group_of[id(pair.A)]) for pair in todo]
+        # every pair's Gram matrices decomposed together (one batched eigh per rank/dtype/device, not two per pair)
+        grams = lp.grams_batched(*_factors(todo, [opts[2] for opts in options]))
+        for pair, opts, g in zip(todo, options, grams):
+            self._step_pair(pair, group_of[id(pair.A)], opts, g)
         for group in self.param_groups:
             if not group.get("lorapro", False):  # groups added later (add_param_group) are plain AdamW
                 for param in group["params"]:
@@ -142,8 +144,9 @@ class LoraProAdamW(Optimizer):
             )
         return state
 
-    def _step_pair(self, pair: LoraProPair, group: dict) -> None:
-        mode, x_mode, damping = self._options(pair, group)
+    def _step_pair(self, pair: LoraProPair, group: dict, options: tuple[str, str, float], g: lp.Grams) -> None:
+        """Step one pair with `options` (mode, x_mode, damping) and `g`, the decomposed Grams of its (A, B)."""
+        mode, x_mode, damping = options
         A, B = pair.layer.lorapro_matrices(pair.adapter_name)  # (r, n), (m, r)
         gA, gB = _grad(pair.A).flatten(1), _grad(pair.B).flatten(1)
         dtype = lp.compute_dtype(A, B)
@@ -153,7 +156,7 @@ class LoraProAdamW(Optimizer):
             state["step"] += 1
             hp = _hyper(group, self._lr_scale(state["step"], group))
             new_A, new_B = lp.full_mode_step(A, B, gA, gB, s, state["exp_avg"], state["exp_avg_sq"],
-                                             state["step"], hp, x_mode, damping)
+                                             state["step"], hp, x_mode, damping, g)
         else:
             state_A = self._moments(pair.A, A.shape, dtype, mode)
             state_B = self._moments(pair.B, B.shape, dtype, mode)
@@ -161,7 +164,7 @@ class LoraProAdamW(Optimizer):
             state_B["step"] = state_A["step"]
             hp = _hyper(group, self._lr_scale(state_A["step"], group))
             moments = (state_A["exp_avg"], state_A["exp_avg_sq"], state_B["exp_avg"], state_B["exp_avg_sq"])
-            new_A, new_B = lp.efficient_mode_step(A, B, gA, gB, s, moments, state_A["step"], hp, x_mode, damping)
+            new_A, new_B = lp.efficient_mode_step(A, B, gA, gB, s, moments, state_A["step"], hp, x_mode, damping, g)
         pair.A.copy_(new_A.reshape(pair.A.shape))
         pair.B.copy_(new_B.reshape(pair.B.shape))
 
@@ -244,13 +247,23 @@ def _innermost(optimizer: Optimizer) -> Optimizer:
 
 
 @torch.no_grad()
+def _factors(pairs: list[LoraProPair], dampings: list[float]) -> tuple[list, list[float]]:
+    """((A (r, n), B (m, r)) in the compute dtype for every pair, dampings): the arguments of `lp.grams_batched`."""
+    factors = []
+    for pair in pairs:
+        A, B = pair.layer.lorapro_matrices(pair.adapter_name)
+        dtype = lp.compute_dtype(A, B)
+        factors.append((A.to(dtype), B.to(dtype)))
+    return factors, dampings
+
+
 def _adjust_gradients(pairs: list[LoraProPair], x_mode: Optional[str], damping: Optional[float]) -> None:
     """Replace the gradients of every pair's A and B by their adjusted gradients (paper eq. 8), in place."""
-    for pair in pairs:
-        if pair.A.grad is None and pair.B.grad is None:
-            continue
+    todo = [pair for pair in pairs if pair.A.grad is not None or pair.B.grad is not None]
+    grams = lp.grams_batched(*_factors(todo, [p.options.damping if damping is None else damping for p in todo]))
+    for pair, g in zip(todo, grams):
         gA, gB = pair.layer.lorapro_adjusted_gradients(
-            pair.adapter_name, _grad(pair.A), _grad(pair.B), x_mode, damping)
+            pair.adapter_name, _grad(pair.A), _grad(pair.B), x_mode, damping, g)
         for param, new in ((pair.A, gA), (pair.B, gB)):
             if param.grad is None:
                 param.grad = new.to(param.dtype)

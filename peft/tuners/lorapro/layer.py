@@ -64,15 +64,16 @@ class LoraProLayer:
 
     def lorapro_adjusted_gradients(
         self, adapter_name: str, grad_A: torch.Tensor, grad_B: torch.Tensor,
-        x_mode: str | None = None, damping: float | None = None,
+        x_mode: str | None = None, damping: float | None = None, grams: lp.Grams | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LoRA-Pro's `(gA', gB')` (paper eq. 8) for this layer's adapter, shaped like the factors, in fp32 (fp64 for
-        fp64 inputs). `x_mode` / `damping` default to the adapter's options."""
+        fp64 inputs). `x_mode` / `damping` default to the adapter's options; `grams`: the Grams of this adapter's
+        (A, B) with that damping, when already decomposed (`lp.grams_batched`, one call for many layers)."""
         opts = self.lorapro_options[adapter_name]
         A, B = self.lorapro_matrices(adapter_name)
         new_gA, new_gB = lp.adjusted_gradients(
             A, B, grad_A.flatten(1), grad_B.flatten(1), self.lorapro_scaling(adapter_name),
-            opts.x_mode if x_mode is None else x_mode, opts.damping if damping is None else damping,
+            opts.x_mode if x_mode is None else x_mode, opts.damping if damping is None else damping, grams,
         )
         return new_gA.reshape(grad_A.shape), new_gB.reshape(grad_B.shape)
 

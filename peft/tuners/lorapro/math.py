@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -81,17 +81,33 @@ def _pinv(q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return (q * _pinv_values(lam)[None, :]) @ q.T
 
 
-def _sym_eig(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    gram = 0.5 * (gram + gram.T)  # exact symmetry for eigh
-    lam, q = torch.linalg.eigh(gram)
-    return lam.clamp(min=0.0) + damping, q
-
-
 def grams(A: torch.Tensor, B: torch.Tensor, damping: float = 0.0) -> Grams:
     """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (r, n), B (m, r), same compute dtype."""
-    lb, qb = _sym_eig(B.T @ B, damping)
-    la, qa = _sym_eig(A @ A.T, damping)
-    return Grams(qb=qb, lb=lb, qa=qa, la=la, binv=_pinv(qb, lb), ainv=_pinv(qa, la))
+    return grams_batched([(A, B)], [damping])[0]
+
+
+def grams_batched(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings: Sequence[float]) -> list[Grams]:
+    """`grams(A, B, d)` for many (A (r, n), B (m, r), d) at once, each pair in its compute dtype.
+
+    The Gram matrices of the pairs that share r, dtype and device are stacked, `(2k, r, r)`, and decomposed by one
+    batched `eigh` call: on a GPU one solver launch and one synchronisation for all the layers of a model instead
+    of two per layer (each `eigh` call waits for its error check)."""
+    if len(factors) != len(dampings):
+        raise ValueError(f"Got {len(factors)} factor pairs and {len(dampings)} dampings; expected one per pair.")
+    groups: dict[tuple, list[int]] = {}
+    for i, (A, _) in enumerate(factors):
+        groups.setdefault((A.shape[0], A.dtype, A.device), []).append(i)
+    out: list[Grams | None] = [None] * len(factors)
+    for index in groups.values():
+        mats = torch.stack([m for i in index for m in (factors[i][1].T @ factors[i][1],  # B^T B, (r, r)
+                                                       factors[i][0] @ factors[i][0].T)])  # A A^T, (r, r)
+        lam, q = torch.linalg.eigh(0.5 * (mats + mats.transpose(-1, -2)))  # exact symmetry; (2k, r), (2k, r, r)
+        lam = lam.clamp(min=0.0)
+        for j, i in enumerate(index):
+            lb, la = lam[2 * j] + dampings[i], lam[2 * j + 1] + dampings[i]
+            qb, qa = q[2 * j], q[2 * j + 1]
+            out[i] = Grams(qb=qb, lb=lb, qa=qa, la=la, binv=_pinv(qb, lb), ainv=_pinv(qa, la))
+    return out  # type: ignore[return-value]
 
 
 def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
@@ -152,14 +168,15 @@ def adjust(
 
 def adjusted_gradients(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
-    x_mode: XMode = "sylvester", damping: float = 0.0,
+    x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-Pro's adjusted gradients (paper eq. 8 with X from `choose_x`): returns `(gA' (r, n), gB' (m, r))`.
 
-    Inputs may be any float dtype; the result is in `compute_dtype` (fp32, or fp64 for fp64 inputs)."""
+    Inputs may be any float dtype; the result is in `compute_dtype` (fp32, or fp64 for fp64 inputs). `g`: the
+    Grams of (A, B) with `damping` if already decomposed (`grams_batched`)."""
     dtype = compute_dtype(A, B, gA, gB)
     A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
-    return adjust(grams(A, B, damping), A, B, gA, gB, s, x_mode)
+    return adjust(grams(A, B, damping) if g is None else g, A, B, gA, gB, s, x_mode)
 
 
 def equivalent_gradient(
@@ -226,17 +243,20 @@ def decoupled_update(param: torch.Tensor, direction: torch.Tensor, hp: AdamHyper
 def full_mode_step(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, hp: AdamHyper,
-    x_mode: XMode = "sylvester", damping: float = 0.0,
+    x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the paper's Algorithm 2 (LoRA-Pro with AdamW): returns the new `(A, B)` in the compute dtype.
 
     1. `g~` = the equivalent gradient of the adjusted `(gA, gB)` (m, n);
     2. Adam moments of `g~` in the full (m, n) space (fp32; updated in place), `U = m_hat / (sqrt(v_hat) + eps)`;
     3. U is treated as the full gradient: `gA_U = s B^T U`, `gB_U = s U A^T`, adjusted again (eq. 8, X per x_mode);
-    4. `A <- A - lr (gA_U' + wd A)`, `B <- B - lr (gB_U' + wd B)`."""
+    4. `A <- A - lr (gA_U' + wd A)`, `B <- B - lr (gB_U' + wd B)`.
+
+    `g`: the Grams of (A, B) with `damping` if already decomposed (`grams_batched`)."""
     dtype = compute_dtype(A, B, gA, gB)
     A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
-    g = grams(A, B, damping)  # A and B do not change within the step: one decomposition serves both adjustments
+    if g is None:  # A and B do not change within the step: one decomposition serves both adjustments
+        g = grams(A, B, damping)
     g_tilde = equivalent_gradient(A, B, *adjust(g, A, B, gA, gB, s, "zero"), s)  # (m, n), X-free (projection)
     in_place = g_tilde if g_tilde.dtype == exp_avg.dtype else None  # U overwrites g~ (read first): no 2nd (m, n)
     U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp, out=in_place).to(dtype)  # (m, n)
@@ -248,12 +268,13 @@ def full_mode_step(
 def efficient_mode_step(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], step: int, hp: AdamHyper,
-    x_mode: XMode = "sylvester", damping: float = 0.0,
+    x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjust once (eq. 8), then ordinary AdamW on each factor: LoRA's memory (moments (r, n) and (m, r)).
 
-    `moments` = (exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B), fp32, updated in place."""
-    new_gA, new_gB = adjusted_gradients(A, B, gA, gB, s, x_mode, damping)
+    `moments` = (exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B), fp32, updated in place; `g` as in
+    `full_mode_step`."""
+    new_gA, new_gB = adjusted_gradients(A, B, gA, gB, s, x_mode, damping, g)
     dir_A = adam_direction(moments[0], moments[1], new_gA, step, hp).to(new_gA.dtype)
     dir_B = adam_direction(moments[2], moments[3], new_gB, step, hp).to(new_gB.dtype)
     return decoupled_update(A, dir_A, hp), decoupled_update(B, dir_B, hp)

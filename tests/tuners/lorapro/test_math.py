@@ -333,3 +333,58 @@ def test_mode_steps_stay_finite(dtype, case):
         moments = (torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(6, 3), torch.zeros(6, 3))
         efficient = lp.efficient_mode_step(A, B, gA, gB, 2.0, moments, 1, hp, x_mode, 1e-8)
         assert all(torch.isfinite(t).all() for t in (*full, *efficient, *moments)), x_mode
+
+
+def test_grams_batched_equals_one_pair_at_a_time():
+    """Pairs of mixed rank and dtype, with their own dampings (one pair rank-deficient, one with B = 0), decomposed
+    together give the same pseudo-inverses and eigenvalues as one pair at a time."""
+    cases = [_problem(5, 4, 2, seed=1), _problem(6, 7, 3, seed=2), _problem(5, 4, 2, seed=3, dtype=torch.float32),
+             _problem(4, 6, 2, seed=4)]
+    cases[1] = (cases[1][0], torch.zeros_like(cases[1][1]), *cases[1][2:])  # B = 0
+    cases[3] = (torch.cat([cases[3][0][:1], cases[3][0][:1]]), *cases[3][1:])  # rank-deficient A
+    factors = [(A, B) for A, B, *_ in cases]
+    dampings = [0.0, 1e-3, 0.0, 1e-6]
+    batched = lp.grams_batched(factors, dampings)
+    for (A, B), d, g in zip(factors, dampings, batched):
+        one = lp.grams(A, B, d)
+        tol = 1e-12 if A.dtype == F64 else 1e-5
+        for name in ("lb", "la", "binv", "ainv"):
+            torch.testing.assert_close(getattr(g, name), getattr(one, name), rtol=tol, atol=tol)
+        if d > 0:  # damped: an ordinary inverse
+            expected = torch.linalg.inv(B.T @ B + d * torch.eye(B.shape[1], dtype=B.dtype))
+            torch.testing.assert_close(g.binv, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one per pair"):
+        lp.grams_batched(factors, dampings[:2])
+
+
+class _EighCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += "eigh" in str(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_optimizer_step_decomposes_all_layers_in_one_eigh_per_rank(mode):
+    """A LoraProAdamW step on 3 adapted layers with 2 distinct ranks makes 2 eigh calls (not 2 per layer): on a GPU
+    each call is a solver launch and a synchronisation."""
+    from torch import nn
+
+    from peft import LoraProConfig, get_peft_model
+    from peft.optimizers import LoraProAdamW
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    model = get_peft_model(base, LoraProConfig(r=2, lora_alpha=4, target_modules=["0", "2", "4"], mode=mode,
+                                               rank_pattern={"4": 3}))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)
+    model(torch.randn(5, 8)).square().mean().backward()
+    optimizer = LoraProAdamW(model, lr=1e-2)
+    with _EighCount() as count:
+        optimizer.step()
+    assert count.calls == 2
