@@ -8,6 +8,7 @@ accumulation, after DDP has averaged the gradients and after gradient clipping.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -34,6 +35,24 @@ def _validate_hyper(lr: float, betas: tuple[float, float], eps: float, weight_de
         raise bad("eps", eps, "a finite number >= 0")
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise bad("weight_decay", weight_decay, "a finite number >= 0")
+
+
+@dataclass
+class _Batch:
+    """k pairs that step together: one shape, dtype, mode, x_mode, damping, scale s, step count (before this step)
+    and param group. A (k, r, n), B (k, m, r) and their gradients gA, gB alike: the pairs' factors, stacked."""
+
+    pairs: list[LoraProPair]
+    group: dict
+    mode: str
+    x_mode: str
+    damping: float
+    s: float
+    step: int
+    A: torch.Tensor
+    B: torch.Tensor
+    gA: torch.Tensor
+    gB: torch.Tensor
 
 
 def _hyper(group: dict, lr_scale: float) -> lp.AdamHyper:
@@ -110,24 +129,68 @@ class LoraProAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One optimizer step: every pair with a gradient (LoRA-Pro), then the other parameters (AdamW)."""
+        """One optimizer step: every pair with a gradient (LoRA-Pro), then the other parameters (AdamW).
+
+        Pairs of one shape, dtype, options, scale, step count and param group are stepped together as a stack
+        (`_Batch`): on a GPU the step is bound by the launches of its many small kernels, ~100 per pair alone."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        todo = [pair for pair in self._pairs if pair.A.grad is not None or pair.B.grad is not None]
-        options = [self._options(pair, group_of[id(pair.A)]) for pair in todo]
-        # every pair's Gram matrices decomposed together (one batched eigh per rank/dtype/device, not two per pair)
-        grams = lp.grams_batched(*_factors(todo, [opts[2] for opts in options]))
-        for pair, opts, g in zip(todo, options, grams):
-            self._step_pair(pair, group_of[id(pair.A)], opts, g)
+        batches = self._batches([p for p in self._pairs if p.A.grad is not None or p.B.grad is not None], group_of)
+        # every batch's Gram matrices decomposed together (one batched eigh per rank/dtype/device, not two per pair)
+        grams = lp.grams_batched([(b.A, b.B) for b in batches], [b.damping for b in batches])
+        for batch, g in zip(batches, grams):
+            self._step_batch(batch, g)
         for group in self.param_groups:
             if not group.get("lorapro", False):  # groups added later (add_param_group) are plain AdamW
                 for param in group["params"]:
                     if param.grad is not None:
                         self._step_plain(param, group)
         return loss
+
+    def _batches(self, pairs: list[LoraProPair], group_of: dict) -> list[_Batch]:
+        """`pairs` grouped by everything their step depends on besides their values, each group stacked."""
+        members: dict[tuple, list] = {}
+        for pair in pairs:
+            group = group_of[id(pair.A)]
+            A, B = pair.layer.lorapro_matrices(pair.adapter_name)  # (r, n), (m, r)
+            gA, gB = _grad(pair.A).flatten(1), _grad(pair.B).flatten(1)
+            key = (*self._options(pair, group), pair.scaling, id(group), self.state[pair.A].get("step", 0),
+                   A.device, *((t.shape, t.dtype) for t in (A, B, gA, gB)))
+            members.setdefault(key, []).append((pair, A, B, gA, gB))
+        batches = []
+        for key, rows in members.items():
+            (mode, x_mode, damping, s, _, step), group = key[:6], group_of[id(rows[0][0].A)]
+            A, B, gA, gB = (torch.stack(ts) for ts in list(zip(*rows))[1:])  # (k, r, n), (k, m, r), alike
+            batches.append(_Batch([row[0] for row in rows], group, mode, x_mode, damping, s, step, A, B, gA, gB))
+        return batches
+
+    def _step_batch(self, batch: _Batch, g: lp.Grams) -> None:
+        """Step the k pairs of `batch` with `g`, the decomposed Grams of its stacked (A, B)."""
+        dtype, step = lp.compute_dtype(batch.A, batch.B), batch.step + 1
+        hp = _hyper(batch.group, self._lr_scale(step, batch.group))
+        args = (batch.A, batch.B, batch.gA, batch.gB, batch.s)
+        if batch.mode == "full":  # (m, n) moments stay per pair, never stacked
+            shape = torch.Size((batch.B.shape[-2], batch.A.shape[-1]))
+            states = [self._moments(pair.A, shape, dtype, batch.mode) for pair in batch.pairs]
+            new_A, new_B = lp.full_mode_step(*args, [st["exp_avg"] for st in states],
+                                             [st["exp_avg_sq"] for st in states], step, hp, batch.x_mode,
+                                             batch.damping, g)
+        else:
+            states_A = [self._moments(pair.A, batch.A.shape[1:], dtype, batch.mode) for pair in batch.pairs]
+            states_B = [self._moments(pair.B, batch.B.shape[1:], dtype, batch.mode) for pair in batch.pairs]
+            per_param = [[st[key] for st in sts] for sts in (states_A, states_B) for key in _MOMENTS]  # 4 lists of k
+            moments = tuple(torch.stack(ts) for ts in per_param)  # (k, r, n) x 2, (k, m, r) x 2: copies, stepped
+            new_A, new_B = lp.efficient_mode_step(*args, moments, step, hp, batch.x_mode, batch.damping, g)
+            torch._foreach_copy_([t for ts in per_param for t in ts], [t for m in moments for t in m.unbind(0)])
+            states = states_A + states_B
+        for st in states:
+            st["step"] = step
+        params = [pair.A for pair in batch.pairs] + [pair.B for pair in batch.pairs]
+        news = [*new_A.unbind(0), *new_B.unbind(0)]  # (r, n) x k, (m, r) x k
+        torch._foreach_copy_(params, [new.reshape(p.shape) for new, p in zip(news, params)])
 
     def _moments(self, param: torch.Tensor, shape: torch.Size, dtype: torch.dtype, mode: str = "adamw") -> dict:
         """The state of `param`, created at its first step: `step` and fp32 (fp64) moments of `shape`."""
@@ -143,30 +206,6 @@ class LoraProAdamW(Optimizer):
                 "moments, efficient mode (r, n) and (m, r)). Was the state saved with the other mode?"
             )
         return state
-
-    def _step_pair(self, pair: LoraProPair, group: dict, options: tuple[str, str, float], g: lp.Grams) -> None:
-        """Step one pair with `options` (mode, x_mode, damping) and `g`, the decomposed Grams of its (A, B)."""
-        mode, x_mode, damping = options
-        A, B = pair.layer.lorapro_matrices(pair.adapter_name)  # (r, n), (m, r)
-        gA, gB = _grad(pair.A).flatten(1), _grad(pair.B).flatten(1)
-        dtype = lp.compute_dtype(A, B)
-        s = pair.scaling
-        if mode == "full":
-            state = self._moments(pair.A, torch.Size((B.shape[0], A.shape[1])), dtype, mode)
-            state["step"] += 1
-            hp = _hyper(group, self._lr_scale(state["step"], group))
-            new_A, new_B = lp.full_mode_step(A, B, gA, gB, s, state["exp_avg"], state["exp_avg_sq"],
-                                             state["step"], hp, x_mode, damping, g)
-        else:
-            state_A = self._moments(pair.A, A.shape, dtype, mode)
-            state_B = self._moments(pair.B, B.shape, dtype, mode)
-            state_A["step"] += 1
-            state_B["step"] = state_A["step"]
-            hp = _hyper(group, self._lr_scale(state_A["step"], group))
-            moments = (state_A["exp_avg"], state_A["exp_avg_sq"], state_B["exp_avg"], state_B["exp_avg_sq"])
-            new_A, new_B = lp.efficient_mode_step(A, B, gA, gB, s, moments, state_A["step"], hp, x_mode, damping, g)
-        pair.A.copy_(new_A.reshape(pair.A.shape))
-        pair.B.copy_(new_B.reshape(pair.B.shape))
 
     def _step_plain(self, param: torch.Tensor, group: dict) -> None:
         state = self._moments(param, param.shape, lp.compute_dtype(param))

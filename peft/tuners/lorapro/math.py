@@ -23,6 +23,10 @@ Numerics (all r x r work is done in fp32 at least; float64 stays float64):
   pseudo-inverse), so a zero B (the first step after LoRA's init) gives exactly `gA' = 0`,
   `gB' = (1/s^2) gB (A A^T)^-1`, and a rank-deficient A or a tiny B gives finite numbers;
 - the projector is applied as `Y - B ((B^T B)^-1 (B^T Y))`: no m x m matrix is ever formed.
+
+Batches: every function takes stacks too, A (..., r, n), B (..., m, r) and the gradients alike, for layers of one
+shape (the optimizer steps them together: on a GPU the step is bound by kernel launches, not by flops). Each
+matrix of a stack is computed as it would be alone (floors included: they are per matrix).
 """
 
 from __future__ import annotations
@@ -45,86 +49,110 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # --- r x r Gram matrices ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Grams:
-    """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (r, r) / (r,)),
-    and the two (r, r) pseudo-inverses they give, `binv = (B^T B + dI)^+`, `ainv = (A A^T + dI)^+`."""
+    """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (..., r, r) /
+    (..., r)), and the two pseudo-inverses they give, `binv = (B^T B + dI)^+`, `ainv = (A A^T + dI)^+`."""
 
-    qb: torch.Tensor  # (r, r)
-    lb: torch.Tensor  # (r,)
-    qa: torch.Tensor  # (r, r)
-    la: torch.Tensor  # (r,)
-    binv: torch.Tensor  # (r, r)
-    ainv: torch.Tensor  # (r, r)
+    qb: torch.Tensor  # (..., r, r)
+    lb: torch.Tensor  # (..., r)
+    qa: torch.Tensor  # (..., r, r)
+    la: torch.Tensor  # (..., r)
+    binv: torch.Tensor  # (..., r, r)
+    ainv: torch.Tensor  # (..., r, r)
 
     def inv_b(self, y: torch.Tensor) -> torch.Tensor:
-        """`(B^T B + dI)^+ y` for y (r, k)."""
+        """`(B^T B + dI)^+ y` for y (..., r, k)."""
         return self.binv @ y
 
     def inv_a_right(self, y: torch.Tensor) -> torch.Tensor:
-        """`y (A A^T + dI)^+` for y (k, r)."""
+        """`y (A A^T + dI)^+` for y (..., k, r)."""
         return y @ self.ainv
+
+    def rows(self, start: int, stop: int, batch: torch.Size) -> "Grams":
+        """Matrices `start:stop` of a flat stack (fields (K, r, r) / (K, r)), shaped `batch + (r, r)` / `(r,)`."""
+        return Grams(*(t[start:stop].reshape(*batch, *t.shape[1:]) for t in (
+            self.qb, self.lb, self.qa, self.la, self.binv, self.ainv)))
 
 
 def _floor(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues at or below this count as zero: `max(r * eps * scale, sqrt(tiny))`."""
+    """Eigenvalues at or below this count as zero: `max(r * eps * scale, sqrt(tiny))`; values (..., r) or
+    (..., r, r), scale broadcastable (one per matrix)."""
     info = torch.finfo(values.dtype)
-    return torch.clamp(values.shape[0] * info.eps * scale, min=math.sqrt(info.tiny))
+    return torch.clamp(values.shape[-1] * info.eps * scale, min=math.sqrt(info.tiny))
 
 
 def _pinv_values(lam: torch.Tensor) -> torch.Tensor:
-    """`1 / lam` where lam is above the floor, 0 elsewhere (pseudo-inverse of a symmetric PSD matrix)."""
-    keep = lam > _floor(lam, lam.max())
+    """`1 / lam` where lam (..., r) is above its matrix's floor, 0 elsewhere (pseudo-inverse of a symmetric PSD
+    matrix)."""
+    keep = lam > _floor(lam, lam.amax(-1, keepdim=True))
     return torch.where(keep, lam.reciprocal(), 0.0)  # lam >= 0: an inf from 1/0 is never selected
 
 
 def _pinv(q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """`Q diag(lam^+) Q^T` (r, r): the pseudo-inverse of the symmetric PSD matrix `Q diag(lam) Q^T`."""
-    return (q * _pinv_values(lam)[None, :]) @ q.T
+    """`Q diag(lam^+) Q^T` (..., r, r): the pseudo-inverse of the symmetric PSD matrix `Q diag(lam) Q^T`."""
+    return (q * _pinv_values(lam)[..., None, :]) @ q.mT
+
+
+def _decompose(mats: torch.Tensor, damping: float | torch.Tensor) -> Grams:
+    """Grams from stacked Gram matrices `mats` (2, ..., r, r) = [B^T B, A A^T]: one batched `eigh` call; `damping`
+    a float or a tensor broadcastable to (..., r) (one value per matrix)."""
+    lam, q = torch.linalg.eigh(0.5 * (mats + mats.mT))  # exact symmetry; (2, ..., r), (2, ..., r, r)
+    lam = lam.clamp(min=0.0) + damping
+    return Grams(qb=q[0], lb=lam[0], qa=q[1], la=lam[1], binv=_pinv(q[0], lam[0]), ainv=_pinv(q[1], lam[1]))
 
 
 def grams(A: torch.Tensor, B: torch.Tensor, damping: float = 0.0) -> Grams:
-    """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (r, n), B (m, r), same compute dtype."""
-    return grams_batched([(A, B)], [damping])[0]
+    """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (..., r, n), B (..., m, r), same compute
+    dtype; a stack is decomposed by one batched `eigh` call."""
+    return _decompose(torch.stack([B.mT @ B, A @ A.mT]), damping)  # (2, ..., r, r)
+
+
+def _per_matrix(dampings: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """One damping per matrix of a flat stack: a float when all are equal (the usual case), else (K, 1)."""
+    if len(set(dampings)) == 1:
+        return dampings[0]
+    return torch.tensor(dampings, dtype=like.dtype, device=like.device)[:, None]
 
 
 def grams_batched(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings: Sequence[float]) -> list[Grams]:
-    """`grams(A, B, d)` for many (A (r, n), B (m, r), d) at once, each pair in its compute dtype.
+    """`grams(A, B, d)` for many (A (..., r, n), B (..., m, r), d) at once (stacks allowed), each in its dtype.
 
-    The Gram matrices of the pairs that share r, dtype and device are stacked, `(2k, r, r)`, and decomposed by one
-    batched `eigh` call: on a GPU one solver launch and one synchronisation for all the layers of a model instead
+    The Gram matrices of all the pairs that share r, dtype and device are stacked, `(2, K, r, r)`, and decomposed by
+    one batched `eigh` call: on a GPU one solver launch and one synchronisation for all the layers of a model instead
     of two per layer (each `eigh` call waits for its error check)."""
     if len(factors) != len(dampings):
         raise ValueError(f"Got {len(factors)} factor pairs and {len(dampings)} dampings; expected one per pair.")
     groups: dict[tuple, list[int]] = {}
     for i, (A, _) in enumerate(factors):
-        groups.setdefault((A.shape[0], A.dtype, A.device), []).append(i)
+        groups.setdefault((A.shape[-2], A.dtype, A.device), []).append(i)
     out: list[Grams | None] = [None] * len(factors)
     for index in groups.values():
-        mats = torch.stack([m for i in index for m in (factors[i][1].T @ factors[i][1],  # B^T B, (r, r)
-                                                       factors[i][0] @ factors[i][0].T)])  # A A^T, (r, r)
-        lam, q = torch.linalg.eigh(0.5 * (mats + mats.transpose(-1, -2)))  # exact symmetry; (2k, r), (2k, r, r)
-        lam = lam.clamp(min=0.0)
-        for j, i in enumerate(index):
-            lb, la = lam[2 * j] + dampings[i], lam[2 * j + 1] + dampings[i]
-            qb, qa = q[2 * j], q[2 * j + 1]
-            out[i] = Grams(qb=qb, lb=lb, qa=qa, la=la, binv=_pinv(qb, lb), ainv=_pinv(qa, la))
+        pairs = [factors[i] for i in index]
+        r, batches = pairs[0][0].shape[-2], [A.shape[:-2] for A, _ in pairs]
+        mats = torch.stack([torch.cat([(B.mT @ B).reshape(-1, r, r) for _, B in pairs]),  # (2, K, r, r)
+                            torch.cat([(A @ A.mT).reshape(-1, r, r) for A, _ in pairs])])
+        per_matrix = [dampings[i] for i, batch in zip(index, batches) for _ in range(batch.numel())]
+        g, start = _decompose(mats, _per_matrix(per_matrix, mats)), 0  # fields (K, r, r) / (K, r)
+        for i, batch in zip(index, batches):
+            out[i], start = g.rows(start, start + batch.numel(), batch), start + batch.numel()
     return out  # type: ignore[return-value]
 
 
 def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
-    """X (r, r) with `(B^T B + dI) X + X (A A^T + dI) = C` (paper eq. 10 when C is its right-hand side).
+    """X (..., r, r) with `(B^T B + dI) X + X (A A^T + dI) = C` (paper eq. 10 when C is its right-hand side).
 
     With both Grams diagonalised, `X = Qb [(Qb^T C Qa)_ij / (lb_i + la_j)] Qa^T`; a denominator at or below the
     floor (both Grams singular in that direction) gives 0 there: the minimum-norm least-squares solution."""
-    denom = g.lb[:, None] + g.la[None, :]  # (r, r)
-    keep = denom > _floor(denom, denom.max())
+    denom = g.lb[..., :, None] + g.la[..., None, :]  # (..., r, r)
+    keep = denom > _floor(denom, denom.amax((-2, -1), keepdim=True))  # floor per matrix
     inv = torch.where(keep, denom.reciprocal(), 0.0)  # denom >= 0: an inf from 1/0 is never selected
-    return g.qb @ ((g.qb.T @ C @ g.qa) * inv) @ g.qa.T
+    return g.qb @ ((g.qb.mT @ C @ g.qa) * inv) @ g.qa.mT
 
 
 # --- gradients ---------------------------------------------------------------------------------------------------
 def lora_gradients(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LoRA gradients a full gradient g (m, n) induces: `gA = s B^T g` (r, n), `gB = s g A^T` (m, r) (eq. 3)."""
-    return s * (B.T @ g), s * (g @ A.T)
+    """The LoRA gradients a full gradient g (..., m, n) induces: `gA = s B^T g` (..., r, n), `gB = s g A^T` (..., m, r)
+    (eq. 3)."""
+    return s * (B.mT @ g), s * (g @ A.mT)
 
 
 def choose_x(
@@ -139,7 +167,7 @@ def choose_x(
     """
     if x_mode == "zero":
         return torch.zeros_like(g.qb)
-    rhs = -(1.0 / s**2) * g.inv_b(gA @ A.T)  # (r, r)
+    rhs = -(1.0 / s**2) * g.inv_b(gA @ A.mT)  # (..., r, r)
     if x_mode == "sylvester":
         return solve_sylvester(g, rhs)
     if x_mode == "symmetric":
@@ -147,22 +175,31 @@ def choose_x(
     raise ValueError(f"Invalid x_mode={x_mode!r}: expected one of {X_MODES}.")
 
 
+def _addmm(x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """`beta x + alpha m1 @ m2` in one kernel: `addmm` for matrices, `baddbmm` for stacks (same leading dims)."""
+    if x.dim() == 2:
+        return torch.addmm(x, m1, m2, beta=beta, alpha=alpha)
+    batch = x.shape[:-2]
+    flat = [t.reshape(-1, *t.shape[-2:]) for t in (x, m1, m2)]  # (k, ., .)
+    return torch.baddbmm(*flat, beta=beta, alpha=alpha).reshape(*batch, *x.shape[-2:])
+
+
 def adjust(
     g: Grams, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     x_mode: XMode = "sylvester",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper eq. 8 with the Grams of (A, B) already decomposed; all inputs in one compute dtype.
-    Returns `(gA' (r, n), gB' (m, r))`, with `Binv = (B^T B)^+`, `Ainv = (A A^T)^+` (damped):
+    Returns `(gA' (..., r, n), gB' (..., m, r))`, with `Binv = (B^T B)^+`, `Ainv = (A A^T)^+` (damped):
 
         gA' = (1/s^2) Binv gA + X A
         gB' = (1/s^2) (gB - B Binv B^T gB) Ainv - B X = (1/s^2) gB Ainv - B ((1/s^2) Binv (B^T gB) Ainv + X)
 
     The projector is applied as `Y - B (Binv (B^T Y))` with its (r, r) parts grouped first: no (m, m) matrix, and
     four products with a dimension m or n (besides those of `choose_x`)."""
-    X = choose_x(A, gA, s, g, x_mode)  # (r, r)
-    new_gA = torch.addmm(X @ A, g.binv, gA, alpha=1.0 / s**2)  # (r, n)
-    inner = g.binv @ (B.T @ gB) @ g.ainv / s**2 + X  # (r, r)
-    new_gB = torch.addmm(B @ inner, gB, g.ainv, beta=-1.0, alpha=1.0 / s**2)  # (m, r)
+    X = choose_x(A, gA, s, g, x_mode)  # (..., r, r)
+    new_gA = _addmm(X @ A, g.binv, gA, alpha=1.0 / s**2)  # (..., r, n)
+    inner = g.binv @ (B.mT @ gB) @ g.ainv / s**2 + X  # (..., r, r)
+    new_gB = _addmm(B @ inner, gB, g.ainv, beta=-1.0, alpha=1.0 / s**2)  # (..., m, r)
     return new_gA, new_gB
 
 
@@ -170,7 +207,7 @@ def adjusted_gradients(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA-Pro's adjusted gradients (paper eq. 8 with X from `choose_x`): returns `(gA' (r, n), gB' (m, r))`.
+    """LoRA-Pro's adjusted gradients (paper eq. 8 with X from `choose_x`): returns `(gA' (..., r, n), gB' (..., m, r))`.
 
     Inputs may be any float dtype; the result is in `compute_dtype` (fp32, or fp64 for fp64 inputs). `g`: the
     Grams of (A, B) with `damping` if already decomposed (`grams_batched`)."""
@@ -182,12 +219,12 @@ def adjusted_gradients(
 def equivalent_gradient(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float
 ) -> torch.Tensor:
-    """`g~ = s B gA + s gB A` (m, n): the first-order change of W per unit step along (gA, gB) (paper eq. 5).
+    """`g~ = s B gA + s gB A` (..., m, n): the first-order change of W per unit step along (gA, gB) (paper eq. 5).
 
     Computed as one product `(s [B, gB]) [gA; A]` ((m, 2r) times (2r, n)): the only (m, n) tensor made."""
     dtype = compute_dtype(A, B, gA, gB)
-    left = torch.cat([B.to(dtype), gB.to(dtype)], dim=1).mul_(s)  # (m, 2r)
-    return left @ torch.cat([gA.to(dtype), A.to(dtype)], dim=0)  # (m, n)
+    left = torch.cat([B.to(dtype), gB.to(dtype)], dim=-1).mul_(s)  # (..., m, 2r)
+    return left @ torch.cat([gA.to(dtype), A.to(dtype)], dim=-2)  # (..., m, n)
 
 
 def projected_gradient(
@@ -240,10 +277,22 @@ def decoupled_update(param: torch.Tensor, direction: torch.Tensor, hp: AdamHyper
     return p - hp.lr * (direction + hp.weight_decay * p)
 
 
-def full_mode_step(
+def _full_space_direction(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, hp: AdamHyper,
-    x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of `full_mode_step` before the second adjustment, for (adjusted) gA, gB: the LoRA gradients
+    `(s B^T U, s U A^T)` of the Adam direction U of `g~ = s B gA + s gB A` (moments updated in place)."""
+    g_tilde = equivalent_gradient(A, B, gA, gB, s)  # (..., m, n), X-free (projection)
+    in_place = g_tilde if g_tilde.dtype == exp_avg.dtype else None  # U overwrites g~ (read first): no 2nd (m, n)
+    U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp, out=in_place).to(A.dtype)  # (..., m, n)
+    return lora_gradients(A, B, U, s)
+
+
+def full_mode_step(
+    A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
+    exp_avg: torch.Tensor | Sequence[torch.Tensor], exp_avg_sq: torch.Tensor | Sequence[torch.Tensor], step: int,
+    hp: AdamHyper, x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the paper's Algorithm 2 (LoRA-Pro with AdamW): returns the new `(A, B)` in the compute dtype.
 
@@ -252,15 +301,20 @@ def full_mode_step(
     3. U is treated as the full gradient: `gA_U = s B^T U`, `gB_U = s U A^T`, adjusted again (eq. 8, X per x_mode);
     4. `A <- A - lr (gA_U' + wd A)`, `B <- B - lr (gB_U' + wd B)`.
 
-    `g`: the Grams of (A, B) with `damping` if already decomposed (`grams_batched`)."""
+    `g`: the Grams of (A, B) with `damping` if already decomposed (`grams_batched`). For a stack of k pairs
+    (A (k, r, n), ...) the moments may be two sequences of k (m, n) tensors: steps 1-3 then run one pair at a time
+    (no (k, m, n) tensor is made), the adjustments and the update once for the stack."""
     dtype = compute_dtype(A, B, gA, gB)
     A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
     if g is None:  # A and B do not change within the step: one decomposition serves both adjustments
         g = grams(A, B, damping)
-    g_tilde = equivalent_gradient(A, B, *adjust(g, A, B, gA, gB, s, "zero"), s)  # (m, n), X-free (projection)
-    in_place = g_tilde if g_tilde.dtype == exp_avg.dtype else None  # U overwrites g~ (read first): no 2nd (m, n)
-    U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp, out=in_place).to(dtype)  # (m, n)
-    uA, uB = lora_gradients(A, B, U, s)
+    gA, gB = adjust(g, A, B, gA, gB, s, "zero")
+    if isinstance(exp_avg, torch.Tensor):
+        uA, uB = _full_space_direction(A, B, gA, gB, s, exp_avg, exp_avg_sq, step, hp)
+    else:
+        pairs = [_full_space_direction(*args, s, m, v, step, hp)
+                 for *args, m, v in zip(A, B, gA, gB, exp_avg, exp_avg_sq, strict=True)]
+        uA, uB = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # (k, r, n), (k, m, r)
     new_gA, new_gB = adjust(g, A, B, uA, uB, s, x_mode)
     return decoupled_update(A, new_gA, hp), decoupled_update(B, new_gB, hp)
 

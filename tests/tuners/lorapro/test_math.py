@@ -388,3 +388,79 @@ def test_optimizer_step_decomposes_all_layers_in_one_eigh_per_rank(mode):
     with _EighCount() as count:
         optimizer.step()
     assert count.calls == 2
+
+
+def _stack_problem(k=4, m=6, n=5, r=3):
+    """k pairs of one shape, float64: one with B = 0, one rank-deficient A (a zero row), one with tiny A and B next
+    to one with a large B (a floor shared by the stack instead of one per matrix would zero the tiny one's Gram
+    inverse and its Sylvester denominators)."""
+    A, B, gA, gB = (torch.stack(ts) for ts in zip(*(_problem(m, n, r, seed=20 + i)[:2] + _problem(
+        m, n, r, seed=20 + i)[3:] for i in range(k))))
+    B[0] = 0.0
+    A[1, -1] = 0.0
+    A[2], B[2] = A[2] * 1e-6, B[2] * 1e-6
+    B[3] *= 1e4
+    gA, gB = lp.lora_gradients(A, B, torch.randn(k, m, n, generator=torch.Generator().manual_seed(7), dtype=F64), 2.0)
+    return A, B, gA, gB
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("x_mode", lp.X_MODES)
+def test_batched_adjustment_equals_a_loop_of_single_pairs(x_mode, damping):
+    A, B, gA, gB = _stack_problem()
+    s = 2.0
+    batched = lp.adjusted_gradients(A, B, gA, gB, s, x_mode, damping)
+    g = lp.grams(A, B, damping)
+    C = torch.randn(4, 3, 3, dtype=F64)
+    X = lp.solve_sylvester(g, C)
+    for j in range(4):
+        one = lp.adjusted_gradients(A[j], B[j], gA[j], gB[j], s, x_mode, damping)
+        for ours, ref in zip(batched, one):
+            torch.testing.assert_close(ours[j], ref, atol=1e-12, rtol=1e-10, msg=f"pair {j}")
+        torch.testing.assert_close(X[j], lp.solve_sylvester(lp.grams(A[j], B[j], damping), C[j]), atol=1e-12,
+                                   rtol=1e-10)
+    assert not batched[0][0].any()  # B = 0: gA' = 0
+    if damping == 0:  # the tiny B kept its own (large) inverse: its floor is its own, not the large B's
+        assert batched[0][2].abs().max() > 1.0
+
+
+@pytest.mark.parametrize("x_mode", lp.X_MODES)
+def test_batched_mode_steps_equal_a_loop_of_single_pairs(x_mode):
+    A, B, gA, gB = _stack_problem()
+    s, hp, k = 2.0, lp.AdamHyper(lr=1e-2, weight_decay=0.1), 4
+    for step in (1, 2):  # moments carried from step 1 into step 2
+        if step == 1:
+            eff = [torch.rand(k, *t.shape[1:], dtype=F64) for t in (A, A, B, B)]
+            full = [torch.rand(k, 6, 5, dtype=F64) for _ in range(2)]
+            eff_ref, full_ref = [t.clone() for t in eff], [t.clone() for t in full]
+        new_eff = lp.efficient_mode_step(A, B, gA, gB, s, tuple(eff), step, hp, x_mode, 1e-8)
+        new_full = lp.full_mode_step(A, B, gA, gB, s, list(full[0]), list(full[1]), step, hp, x_mode, 1e-8)
+        for j in range(k):
+            ref_eff = lp.efficient_mode_step(A[j], B[j], gA[j], gB[j], s, tuple(t[j] for t in eff_ref), step, hp,
+                                             x_mode, 1e-8)
+            ref_full = lp.full_mode_step(A[j], B[j], gA[j], gB[j], s, full_ref[0][j], full_ref[1][j], step, hp,
+                                         x_mode, 1e-8)
+            for ours, ref in zip((*new_eff, *new_full), (*ref_eff, *ref_full)):
+                torch.testing.assert_close(ours[j], ref, atol=1e-12, rtol=1e-10, msg=f"pair {j}, step {step}")
+        for ours, ref in zip(eff + full, eff_ref + full_ref):
+            torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)  # moments updated alike
+    # full mode with stacked (k, m, n) moment tensors: the same step
+    moments = [t.clone() for t in full]
+    stacked = lp.full_mode_step(A, B, gA, gB, s, *moments, 3, hp, x_mode, 1e-8)
+    listed = lp.full_mode_step(A, B, gA, gB, s, list(full[0]), list(full[1]), 3, hp, x_mode, 1e-8)
+    for ours, ref in zip(stacked, listed):
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_grams_batched_takes_stacks():
+    """Stacks and single pairs of one rank in one call: each member as if decomposed alone, one eigh call."""
+    A, B, _, _ = _stack_problem()
+    single = _problem(7, 4, 3, seed=30)
+    with _EighCount() as count:
+        stack_g, single_g = lp.grams_batched([(A, B), single[:2]], [1e-3, 0.0])
+    assert count.calls == 1 and stack_g.binv.shape == (4, 3, 3) and single_g.binv.shape == (3, 3)
+    for j in range(4):
+        one = lp.grams(A[j], B[j], 1e-3)
+        for name in ("lb", "la", "binv", "ainv"):
+            torch.testing.assert_close(getattr(stack_g, name)[j], getattr(one, name), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(single_g.binv, lp.grams(*single[:2]).binv, rtol=1e-12, atol=1e-12)
