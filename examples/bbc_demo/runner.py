@@ -125,12 +125,8 @@ def _train(setup, train_split, batches, show_progress: bool, desc: str) -> tuple
     return losses, times
 
 
-def run_one(job: dict) -> dict:
-    """Train `job["method"]` at `job["lr"]` for `job["steps"]` steps with seed `job["seed"]`; measure and evaluate.
-
-    job keys: method, lr, seed, steps, batch_size, max_length, model_path, eval_split ("test" or "val"),
-    eval_limit (None for all), threads (None: torch's default), progress (bool).
-    """
+def _prepare(job: dict):
+    """(setup, its PeakRSS, splits, data info, training batches) for a job: data, model and method set up."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -148,9 +144,37 @@ def run_one(job: dict) -> dict:
     model = _load_model(job["model_path"], len(info["classes"]), job["seed"])
     with PeakRSS() as setup_mem:
         setup = METHODS[job["method"]](model, job["lr"], ctx)
+    torch.manual_seed(job["seed"])  # dropout
+    return setup, setup_mem, splits, info, batches
+
+
+MEMORY_PROBE_STEPS = 3
+# glibc keeps freed heap blocks for reuse, so a process's RSS high-water mark depends on how its allocations
+# happened to fragment. With a fixed mmap threshold every tensor above 64 KiB is its own mapping, returned to the
+# OS when freed, and the RSS peak follows the live tensors. It slows allocation (page faults), so it is set only
+# in the short memory probe, never in the timed run.
+MEMORY_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def memory_probe(job: dict) -> dict:
+    """Peak RSS over the first MEMORY_PROBE_STEPS training steps of a job (run it in a fresh process started with
+    MEMORY_PROBE_ENV): what gradients, optimizer state and activations add to the loaded model."""
+    setup, _, splits, _, batches = _prepare({**job, "steps": MEMORY_PROBE_STEPS})
+    with PeakRSS() as mem:
+        _train(setup, splits["train"], batches, False, job["method"])
+    return {"method": job["method"], "seed": job["seed"], "peak_mb": mem.peak_mb, "how": mem.how}
+
+
+def run_one(job: dict) -> dict:
+    """Train `job["method"]` at `job["lr"]` for `job["steps"]` steps with seed `job["seed"]`; measure and evaluate.
+
+    job keys: method, lr, seed, steps, batch_size, max_length, model_path, eval_split ("test" or "val"),
+    eval_limit (None for all), threads (None: torch's default), progress (bool).
+    """
+    setup, setup_mem, splits, info, batches = _prepare(job)
+    train = splits["train"]
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in setup.model.parameters())
-    torch.manual_seed(job["seed"])  # dropout
     desc = f"{job['method']} lr={job['lr']:g} seed={job['seed']}"
     with PeakRSS() as train_mem:
         losses, times = _train(setup, train, batches, job.get("progress", True), desc)
