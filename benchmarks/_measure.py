@@ -3,7 +3,8 @@
 Memory on a CPU: the process's resident set (Linux `VmRSS` / `VmHWM`). `PeakRSS` trims the heap, reads the RSS,
 resets the high-water mark (`/proc/self/clear_refs` with 5) and, on exit, reports `VmHWM - start` in MiB (if the
 reset is refused it samples `VmRSS` every 2 ms instead). Each configuration runs in a fresh spawned process
-(`in_fresh_process`) so that nothing freed by an earlier one is reused without showing up.
+(`in_fresh_process`) so that nothing freed by an earlier one is reused without showing up; memory runs start with
+`LIVE_MEMORY_ENV` (a fixed glibc mmap threshold) so that the peak counts live tensors, not blocks the heap kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def _status_kb(key: str) -> int:
@@ -39,7 +40,7 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
-        self.how = "VmHWM"
+        self.how = "VmHWM" + "".join(f", {k}={os.environ[k]}" for k in LIVE_MEMORY_ENV if k in os.environ)
 
     def __enter__(self) -> "PeakRSS":
         trim_heap()
@@ -49,7 +50,7 @@ class PeakRSS:
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
-            self.how = "VmRSS sampled every 2 ms"
+            self.how = self.how.replace("VmHWM", "VmRSS sampled every 2 ms")
             threading.Thread(target=self._sample, daemon=True).start()
         return self
 
@@ -75,10 +76,26 @@ def median_seconds(step: Callable[[], None], warmup: int, repeats: int) -> float
     return statistics.median(times)
 
 
-def in_fresh_process(fn: Callable, *args):
-    """`fn(*args)` in a new spawned Python process (fn must be importable at module level)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+# glibc keeps freed heap blocks for reuse, so a process's RSS high-water mark also counts how its allocations
+# happened to fragment. With a fixed mmap threshold every block above 64 KiB is its own mapping, returned to the OS
+# when freed, so the peak follows the live tensors. Allocation gets slower (page faults): memory runs only.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def in_fresh_process(fn: Callable, *args, env: Optional[dict] = None):
+    """`fn(*args)` in a new spawned Python process (fn must be importable at module level), with `env` added to
+    its environment (read by the new interpreter at start-up, e.g. LIVE_MEMORY_ENV for memory measurements)."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def machine_line() -> str:

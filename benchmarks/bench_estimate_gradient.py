@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: idle OpenMP
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402
+from _measure import LIVE_MEMORY_ENV, PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402
 
 VARIANTS = ("fwd_bwd", "estimate", "estimate_offload")
 NAMES = {"fwd_bwd": "forward+backward (all weights trainable)", "estimate": "estimate_gradient",
@@ -100,7 +100,7 @@ def run_all(args: argparse.Namespace) -> dict:
     job = {"width": args.width, "layers": args.layers, "vocab": args.vocab, "batch": args.batch, "seq": args.seq,
            "iters": args.iters, "repeats": args.repeats, "threads": torch.get_num_threads()}
     times = in_fresh_process(time_interleaved, job)
-    memory = {v: in_fresh_process(measure_memory, {**job, "variant": v}) for v in VARIANTS}
+    memory = {v: in_fresh_process(measure_memory, {**job, "variant": v}, env=LIVE_MEMORY_ENV) for v in VARIANTS}
     for v in VARIANTS:
         print(f"  {v}: {times[v]:.3f} s, {memory[v]['peak_mb']:.0f} MiB", file=sys.stderr)
     return {"job": job, "times": times, "memory": memory}

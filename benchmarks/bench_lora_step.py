@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402
+from _measure import LIVE_MEMORY_ENV, PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402
 
 NAMES = {"frozen": "no adapter (frozen)", "full": "full fine-tuning"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         job = {**base, "width": width}
         times = in_fresh_process(time_interleaved, job, variants)
         for variant, rank in variants:
-            result = in_fresh_process(measure, {**job, "variant": variant, "rank": rank})
+            result = in_fresh_process(measure, {**job, "variant": variant, "rank": rank}, env=LIVE_MEMORY_ENV)
             result["seconds"] = times[(variant, rank)]
             results.append(result)
             print(f"  width {width} {variant}{rank or ''}: {result['seconds']:.3f} s, {result['peak_mb']:.0f} MiB",

@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: idle OpenMP
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402
+from _measure import LIVE_MEMORY_ENV, PeakRSS, in_fresh_process, machine_line, markdown_table, median_seconds  # noqa: E402
 
 VARIANTS = ("adamw", "full", "efficient")
 NAMES = {"adamw": "LoRA + torch AdamW", "full": "LoRA-Pro full", "efficient": "LoRA-Pro efficient"}
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         job = {**base, "width": width}
         times = in_fresh_process(time_interleaved, job)
         for variant in VARIANTS:
-            result = in_fresh_process(measure_memory, {**job, "variant": variant})
+            result = in_fresh_process(measure_memory, {**job, "variant": variant}, env=LIVE_MEMORY_ENV)
             result["seconds"] = times[variant]
             results.append(result)
             print(f"  width {width} {variant}: {1000 * result['seconds']:.1f} ms, {result['peak_mb']:.0f} MiB peak, "

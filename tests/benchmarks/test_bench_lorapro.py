@@ -37,7 +37,7 @@ def test_bench_lorapro_quick_path_and_default_widths(monkeypatch):
     bench = importlib.import_module("bench_lorapro")
     defaults = bench.parse_args([])
     assert len(defaults.widths) >= 2 and bench.VARIANTS == ("adamw", "full", "efficient")
-    monkeypatch.setattr(bench, "in_fresh_process", lambda fn, *args: fn(*args))
+    monkeypatch.setattr(bench, "in_fresh_process", lambda fn, *args, **kwargs: fn(*args))
     threads = torch.get_num_threads()
     try:
         lines = bench.main(["--quick", "--layers", "1"])
