@@ -92,6 +92,11 @@ def llama(width: int, layers: int, vocab: int, dtype: torch.dtype, device: torch
     return model.to(dtype)
 
 
+def _worst_relative(result: dict, reference: dict) -> float:
+    """Largest relative Frobenius difference over the weights of two `estimate_gradient` results."""
+    return max(((result[k] - reference[k]).norm() / reference[k].norm().clamp_min(1e-30)).item() for k in reference)
+
+
 # --- 1. estimate_gradient -----------------------------------------------------------------------------------------
 def estimate_section(args: argparse.Namespace, device: torch.device) -> list[str]:
     from peft.utils.lora_ga_utils import estimate_gradient
@@ -132,9 +137,11 @@ def estimate_section(args: argparse.Namespace, device: torch.device) -> list[str
         memory[name] = peak.mib
         if name == "plain":
             reference = result
+            repeat = plain()  # run-to-run differences of the GPU kernels themselves (atomics in some backwards)
+            noise = _worst_relative(repeat, reference)
+            del repeat
         elif name == "offload":
-            worst = max(((result[k] - reference[k]).norm() / reference[k].norm().clamp_min(1e-30)).item()
-                        for k in reference)
+            worst = _worst_relative(result, reference)
         print(f"  estimate {name}: {memory[name]:.0f} MiB", file=sys.stderr)
     best = {name: float("inf") for name in runs}
     for _ in range(args.repeats):
@@ -157,7 +164,8 @@ def estimate_section(args: argparse.Namespace, device: torch.device) -> list[str
         "those of the offload path on the CPU).", "",
         *markdown_table(["variant", "seconds", "time / fwd+bwd", "peak GPU MiB", "peak / fwd+bwd"], rows), "",
         f"Check: the offload gradients equal the plain ones to a relative Frobenius error of at most {worst:.1e} "
-        "over all weights (bf16 forward; the offload path recomputes each block under checkpointing).", "",
+        f"over all weights; two plain runs differ by up to {noise:.1e} (the GPU kernels' own run-to-run "
+        "differences in bf16, e.g. atomics in the attention backward).", "",
     ]
 
 
