@@ -40,7 +40,8 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
-        self.how = "VmHWM" + "".join(f", {k}={os.environ[k]}" for k in LIVE_MEMORY_ENV if k in os.environ)
+        self.how = "VmHWM"
+        self._env = "".join(f", {k}={os.environ[k]}" for k in LIVE_MEMORY_ENV if k in os.environ)
 
     def __enter__(self) -> "PeakRSS":
         trim_heap()
@@ -50,7 +51,7 @@ class PeakRSS:
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
-            self.how = self.how.replace("VmHWM", "VmRSS sampled every 2 ms")
+            self.how = "VmRSS sampled every 2 ms"
             threading.Thread(target=self._sample, daemon=True).start()
         return self
 
@@ -62,6 +63,7 @@ class PeakRSS:
         self._stop.set()
         peak = _status_kb("VmHWM") if self.how == "VmHWM" else max(self._sampled, _status_kb("VmRSS"))
         self.peak_mb = (peak - self._start) / 1024
+        self.how += self._env
 
 
 def median_seconds(step: Callable[[], None], warmup: int, repeats: int) -> float:

@@ -79,3 +79,19 @@ def test_cuda_bench_quick_runs_without_cuda():
     assert worst < 1e-2
     for name in ("LoRA + torch AdamW", "LoRA-Pro full", "LoRA-Pro efficient", "full fine-tuning's optimizer"):
         assert any(name in line for line in lines), name
+
+
+def _peak_of_a_freed_tensor(mib: int) -> tuple[float, str]:
+    measure = _module("_measure")
+    with measure.PeakRSS() as mem:
+        x = torch.ones(mib * 2**20 // 4)  # touched pages, then freed before the block ends
+        del x
+    return mem.peak_mb, mem.how
+
+
+def test_peak_rss_sees_a_freed_tensor_with_the_live_memory_setting():
+    """Under LIVE_MEMORY_ENV a freed tensor's pages go back to the OS at once; the peak must still count them."""
+    measure = _module("_measure")
+    peak, how = measure.in_fresh_process(_peak_of_a_freed_tensor, 128, env=measure.LIVE_MEMORY_ENV)
+    assert peak > 120, (peak, how)
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in how
