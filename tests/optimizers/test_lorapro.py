@@ -215,6 +215,29 @@ def test_bf16_parameters_keep_fp32_moments_through_load():
         assert moments and all(m.dtype == torch.float32 for m in moments)
 
 
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_model_cast_to_bf16_steps_like_fp32(mode):
+    """A model cast whole to bf16 after get_peft_model (A and B in bf16 too): the r x r work runs in fp32 (eigh has
+    no bf16 kernel), the factors stay bf16 and follow the fp32 model's step to bf16 precision."""
+    models = [_model(dtype=torch.float32, mode=mode, damping=1e-8) for _ in range(2)]
+    models[1].to(torch.bfloat16)
+    for model in models:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
+    ref, low = models
+    for model, dtype in ((ref, torch.float32), (low, torch.bfloat16)):
+        opt = LoraProAdamW(model, lr=1e-2)
+        for seed in (1, 2):
+            _backward(model, seed, dtype)
+            opt.step()
+    for (name, a), (_, b) in zip(ref.named_parameters(), low.named_parameters()):
+        if "lora_" in name:
+            assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
+            torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.02)
+
+
 def test_first_step_from_zero_b_is_finite_and_moves_b_only():
     model = _model(damping=1e-8, dtype=torch.float32)
     opt = LoraProAdamW(model, lr=1e-3)

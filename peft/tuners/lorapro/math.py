@@ -114,7 +114,8 @@ def _per_matrix(dampings: list[float], like: torch.Tensor) -> float | torch.Tens
 
 
 def grams_batched(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings: Sequence[float]) -> list[Grams]:
-    """`grams(A, B, d)` for many (A (..., r, n), B (..., m, r), d) at once (stacks allowed), each in its dtype.
+    """`grams(A, B, d)` for many (A (..., r, n), B (..., m, r), d) at once (stacks allowed), each pair in its
+    compute dtype (fp32 for bf16/fp16 factors).
 
     The Gram matrices of all the pairs that share r, dtype and device are stacked, `(2, K, r, r)`, and decomposed by
     one batched `eigh` call: on a GPU one solver launch and one synchronisation for all the layers of a model instead
@@ -122,11 +123,11 @@ def grams_batched(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings
     if len(factors) != len(dampings):
         raise ValueError(f"Got {len(factors)} factor pairs and {len(dampings)} dampings; expected one per pair.")
     groups: dict[tuple, list[int]] = {}
-    for i, (A, _) in enumerate(factors):
-        groups.setdefault((A.shape[-2], A.dtype, A.device), []).append(i)
+    for i, (A, B) in enumerate(factors):
+        groups.setdefault((A.shape[-2], compute_dtype(A, B), A.device), []).append(i)
     out: list[Grams | None] = [None] * len(factors)
-    for index in groups.values():
-        pairs = [factors[i] for i in index]
+    for (_, dtype, _), index in groups.items():
+        pairs = [(factors[i][0].to(dtype), factors[i][1].to(dtype)) for i in index]  # bf16 factors: fp32 Grams
         r, batches = pairs[0][0].shape[-2], [A.shape[:-2] for A, _ in pairs]
         mats = torch.stack([torch.cat([(B.mT @ B).reshape(-1, r, r) for _, B in pairs]),  # (2, K, r, r)
                             torch.cat([(A @ A.mT).reshape(-1, r, r) for A, _ in pairs])])
