@@ -83,9 +83,11 @@ class PeftModel(nn.Module):
         return getattr(self.get_base_model(), "dtype", None)
 
     def forward(self, *args, **kwargs):
+        _refuse_mixed_batch(kwargs)
         return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        _refuse_mixed_batch(kwargs)
         return self.get_base_model().generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
@@ -298,3 +300,12 @@ def _enable_input_grads(model: nn.Module) -> bool:
 
 
 __all__ = ["PeftModel", "ModulesToSaveWrapper"]
+
+
+def _refuse_mixed_batch(kwargs: dict) -> None:
+    """Upstream's per-sample adapters (`adapter_names=[...]` in forward/generate) are not implemented here."""
+    if "adapter_names" in kwargs:
+        raise ValueError(
+            f"adapter_names={kwargs['adapter_names']!r}: batches that mix adapters per sample are not supported by "
+            "this package; activate one adapter with set_adapter(name) (or several with base_model.set_adapter)."
+        )

@@ -247,3 +247,13 @@ def test_register_conflicting_config_class_is_refused():
         register_peft_method(name="lora", config_cls=OtherLoraConfig, model_cls=LoraModel)
     register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_")  # idempotent
     assert PeftConfig.from_peft_type(peft_type="LORA").__class__ is LoraConfig
+
+
+def test_mixed_adapter_batches_are_refused_by_name():
+    """Upstream's per-sample `adapter_names=` is not implemented: a clear error, not the model's TypeError."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(ValueError, match=r"adapter_names=\['default', 'default'\].*set_adapter"):
+        model(input_ids=ids, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="adapter_names"):
+        model.generate(input_ids=ids, adapter_names=["default", "default"], max_new_tokens=1)
