@@ -196,7 +196,8 @@ def write_results(args, rows: list[dict], table: list[str], meta: dict) -> None:
         "gradient on 8 training batches (its time is the `setup s` column).",
         f"- `loss@k` is the mean training loss over steps k-4..k; `s/step` the mean wall time of a step "
         f"(forward, backward, optimizer) after the first; `train peak MiB` the peak resident memory during "
-        f"training minus the resident memory just before it ({how}), i.e. what gradients, optimizer state and "
+        f"training minus the resident memory just before it ({how}, after one untimed forward+backward), i.e. "
+        "what gradients, optimizer state and "
         "activations add on top of the loaded model. The allocator setting makes every tensor above 64 KiB its "
         "own mapping, returned to the OS when freed; with glibc's default the peak also counts freed blocks the "
         "heap kept, which made LoRA's peak look larger than full fine-tuning's.", "",
