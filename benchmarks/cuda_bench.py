@@ -206,7 +206,9 @@ def state_bytes(optimizer) -> int:
 def lorapro_rows(width: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
     model = lorapro_model(width, args, device)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapted = sum(m.get_base_layer().weight.numel() for m in model.modules() if hasattr(m, "lora_A"))
+    from peft.tuners.lora.layer import LoraLayer
+
+    adapted = sum(m.get_base_layer().weight.numel() for m in model.modules() if isinstance(m, LoraLayer))
     out = []
     for variant in ("adamw", "full", "efficient", "full_ft"):
         grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}

@@ -299,9 +299,6 @@ def _enable_input_grads(model: nn.Module) -> bool:
     return hooked() and hasattr(model, "disable_input_require_grads")
 
 
-__all__ = ["PeftModel", "ModulesToSaveWrapper"]
-
-
 def _refuse_mixed_batch(kwargs: dict) -> None:
     """Upstream's per-sample adapters (`adapter_names=[...]` in forward/generate) are not implemented here."""
     if "adapter_names" in kwargs:
@@ -309,3 +306,6 @@ def _refuse_mixed_batch(kwargs: dict) -> None:
             f"adapter_names={kwargs['adapter_names']!r}: batches that mix adapters per sample are not supported by "
             "this package; activate one adapter with set_adapter(name) (or several with base_model.set_adapter)."
         )
+
+
+__all__ = ["PeftModel", "ModulesToSaveWrapper"]

@@ -220,7 +220,7 @@ class BaseTuner(nn.Module):
         self.targeted_module_names = known + [k for k in matched if k not in known]
         _warn_if_weights_are_tied(model, matched)
         self._wrap_modules_to_save(model, config, adapter_name)
-        self.set_adapter(self.active_adapters if adapter_name in self.active_adapters else self.active_adapters)
+        self.set_adapter(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
             for name, param in model.named_parameters():

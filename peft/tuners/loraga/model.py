@@ -64,13 +64,6 @@ def _float_weight(base: nn.Module) -> torch.Tensor:
     return quant.dequantize(base) if quant.is_quantized(base) else base.weight.data
 
 
-def init_layer(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
-               name: str = "this layer") -> None:
-    """Set A, B of `adapter_name` on `layer` from `grad` (shaped like the stored weight) and offset the base."""
-    set_factors(layer, adapter_name, grad, options, name)
-    offset_base(layer, adapter_name)
-
-
 def set_factors(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
                 name: str = "this layer") -> None:
     """A, B of `adapter_name` on `layer` from the SVD of `grad` (shaped like the stored weight); base untouched."""
