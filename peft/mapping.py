@@ -17,6 +17,7 @@ def get_peft_model(
     """Wrap `model` (in place) with a new adapter; the `PeftModelFor*` class follows `peft_config.task_type`."""
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
+    _tuner_class(peft_config)  # an unknown or unimplemented type (e.g. prompt learning) fails before any change
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
     model_config = getattr(model, "config", None)

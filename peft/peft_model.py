@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .registry import PEFT_TYPE_TO_TUNER_MAPPING
+from .tuners.prompt_learning import PromptLearningConfig, not_implemented_error
 from .utils.other import ModulesToSaveWrapper
 from .utils.save_and_load import (
     get_peft_model_state_dict,
@@ -18,6 +19,7 @@ from .utils.save_and_load import (
     save_adapter_weights,
     set_peft_model_state_dict,
 )
+from .utils.transformers_weight_conversion import convert_adapter_state_dict
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
 
@@ -33,10 +35,10 @@ class PeftModel(nn.Module):
         super().__init__()
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
+        tuner_cls = _tuner_class(peft_config)
         self._prepare_config(peft_config, model)
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
-        tuner_cls = _tuner_class(peft_config)
         self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5 spelling
         if checkpointing is None:
@@ -188,9 +190,12 @@ class PeftModel(nn.Module):
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(folder, exist_ok=True)
-            weights = self._adapter_state_dict_for_save(name, state_dict)
+            weights, config = self._adapter_state_dict_for_save(name, state_dict), self.peft_config[name]
+            to_save = getattr(self.base_model, "adapter_to_save", None)  # a tuner saving another form (LoRA-GA)
+            if to_save is not None:
+                weights, config = to_save(name, weights, config)
             save_adapter_weights(weights, folder, safe_serialization=safe_serialization)
-            self._save_config(self.peft_config[name], folder)
+            self._save_config(config, folder)
 
     def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict]) -> dict:
         return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name)
@@ -216,6 +221,7 @@ class PeftModel(nn.Module):
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         if config is None:
             config = PeftConfig.from_pretrained(model_id, **hub)
+        _tuner_class(config)  # an unknown or unimplemented type fails before the weights are read
         weights = load_peft_weights(model_id, device=kwargs.pop("torch_device", None), **hub)
         config.inference_mode = not is_trainable
         model_cls = cls
@@ -245,10 +251,16 @@ class PeftModel(nn.Module):
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)  # skip them with a warning
         config = PeftConfig.from_pretrained(model_id, **hub)
+        _tuner_class(config)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
-            return self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes)
+            from_saved = getattr(self.base_model, "adapter_from_saved", None)  # undoes adapter_to_save (LoRA-GA)
+            weights, commit = from_saved(adapter_name, weights, config) if from_saved else (weights, None)
+            result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes)
+            if commit is not None:
+                commit()
+            return result
         snapshot = _requires_grad_snapshot(self)
         self.add_adapter(adapter_name, config)
         try:
@@ -261,6 +273,7 @@ class PeftModel(nn.Module):
             raise
 
     def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool, ignore_mismatched_sizes=False):
+        weights = convert_adapter_state_dict(self.get_base_model(), weights)  # transformers v5 renamed modules
         result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes)
         if not is_trainable:
@@ -273,6 +286,8 @@ class PeftModel(nn.Module):
 
 def _tuner_class(config: PeftConfig):
     if config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        if isinstance(config, PromptLearningConfig):
+            raise not_implemented_error(config)
         raise ValueError(f"peft_type {config.peft_type!r} has no registered tuner; known: "
                          f"{sorted(p.value for p in PEFT_TYPE_TO_TUNER_MAPPING)}.")
     return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]

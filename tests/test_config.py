@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 
 import pytest
+import torch
 
 import peft
 from peft import LoraConfig, PeftConfig, PeftModel, PeftType, TaskType, get_peft_model
@@ -150,3 +152,159 @@ def test_bin_only_cached_hub_adapter_loads_offline(tmp_path):
     _fake_hub_cache(tmp_path / "cache", "someone/bin-adapter", files)
     loaded = PeftModel.from_pretrained(spec.build(), "someone/bin-adapter", cache_dir=str(tmp_path / "cache"))
     assert (model_output(loaded(**spec.inputs())) - model_output(model(**spec.inputs()))).abs().max() == 0
+
+
+# --- prompt-learning configs: upstream's fields, JSON round trip, and a refusal wherever a model would be built ---
+def _prompt_configs() -> dict:
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    return {
+        "PREFIX_TUNING": PrefixTuningConfig(num_virtual_tokens=5, token_dim=16, num_layers=2, num_attention_heads=2,
+                                            prefix_projection=True, encoder_hidden_size=8, init_weights="zero",
+                                            task_type="CAUSAL_LM"),
+        "PROMPT_TUNING": PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", task_type="SEQ_CLS",
+                                            prompt_tuning_init_text="classify:", tokenizer_name_or_path="tok",
+                                            tokenizer_kwargs={"use_fast": True}, modules_to_save=["classifier"]),
+        "P_TUNING": PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                                        encoder_hidden_size=8, encoder_num_layers=1, encoder_dropout=0.1),
+    }
+
+
+def test_prompt_learning_configs_have_upstreams_fields_and_defaults():
+    from peft import (
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptEncoderReparameterizationType,
+        PromptLearningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+    )
+
+    shared = {"num_virtual_tokens": None, "token_dim": None, "num_transformer_submodules": None,
+              "num_attention_heads": None, "num_layers": None, "modules_to_save": None}
+    expected = {
+        PrefixTuningConfig: ("PREFIX_TUNING", {"init_weights": None, "encoder_hidden_size": None,
+                                               "prefix_projection": False}),
+        PromptTuningConfig: ("PROMPT_TUNING", {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+                                               "tokenizer_name_or_path": None, "tokenizer_kwargs": None}),
+        PromptEncoderConfig: ("P_TUNING", {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": None,
+                                           "encoder_num_layers": 2, "encoder_dropout": 0.0}),
+    }
+    base_fields = set(LoraConfig().to_dict()) & set(PeftConfig().to_dict())
+    for cls, (peft_type, own) in expected.items():
+        data = cls().to_dict()
+        assert data.keys() == base_fields | shared.keys() | own.keys(), cls
+        assert {k: data[k] for k in {**shared, **own}} == {**shared, **own} and data["peft_type"] == peft_type
+        assert issubclass(cls, PromptLearningConfig) and cls().is_prompt_learning and not cls().is_adaption_prompt
+    assert PromptTuningConfig().prompt_tuning_init is PromptTuningInit.RANDOM
+    assert PromptEncoderConfig().encoder_reparameterization_type is PromptEncoderReparameterizationType.MLP
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        ("PromptTuningConfig", {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "x"},
+         "tokenizer_name_or_path=None"),
+        ("PromptTuningConfig", {"prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "t"},
+         "prompt_tuning_init_text=None"),
+        ("PromptTuningConfig", {"tokenizer_kwargs": {"a": 1}}, "tokenizer_kwargs=.*only with"),
+        ("PromptTuningConfig", {"prompt_tuning_init": "ZEROS"}, "prompt_tuning_init 'ZEROS'"),
+        ("PromptEncoderConfig", {"encoder_reparameterization_type": "GRU"}, "'GRU'"),
+        ("PromptEncoderConfig", {"encoder_dropout": 1.0}, "encoder_dropout=1.0"),
+        ("PrefixTuningConfig", {"init_weights": "ones"}, "init_weights='ones'"),
+        ("PrefixTuningConfig", {"num_virtual_tokens": 0}, "num_virtual_tokens=0"),
+        ("PrefixTuningConfig", {"peft_type": "LORA"}, "PREFIX_TUNING"),
+    ],
+)
+def test_prompt_learning_configs_reject_bad_values(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(peft, cls)(**kwargs)
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"])
+def test_prompt_learning_config_json_round_trip(tmp_path, peft_type):
+    config = _prompt_configs()[peft_type]
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["peft_type"] == peft_type and list(data) == sorted(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key is known: nothing dropped
+        loaded = PeftConfig.from_pretrained(tmp_path)
+        again = type(config).from_pretrained(tmp_path)
+    assert type(loaded) is type(config) and loaded.to_dict() == config.to_dict() == again.to_dict()
+    with pytest.raises(ValueError, match="not a LoraConfig"):
+        LoraConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"])
+def test_prompt_learning_is_refused_at_every_entry_point_and_the_model_is_untouched(tmp_path, peft_type):
+    from peft import PeftMixedModel, inject_adapter_in_model
+
+    config = _prompt_configs()[peft_type]
+    config.save_pretrained(tmp_path / "saved")  # a config-only folder, as upstream's adapter minus its weights
+    method = {"PREFIX_TUNING": "prefix tuning", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning"}[peft_type]
+    match = f"{method} \\({peft_type}\\) is a prompt-learning method"
+    model = TINY_MODELS["llama"].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    attempts = [
+        lambda: get_peft_model(model, config), lambda: get_peft_model(model, config, mixed=True),
+        lambda: PeftModel(model, config), lambda: PeftMixedModel(model, config),
+        lambda: inject_adapter_in_model(config, model), lambda: PeftModel.from_pretrained(model, tmp_path / "saved"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(NotImplementedError, match=match):
+            attempt()
+    assert [type(m) for m in model.modules()] == modules and not hasattr(model, "peft_config")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert config.modules_to_save == _prompt_configs()[peft_type].modules_to_save, "the config is not changed"
+
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    state = {k: v.clone() for k, v in lora.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=match):
+        lora.load_adapter(str(tmp_path / "saved"), adapter_name="prompt")
+    with pytest.raises(NotImplementedError, match=match):
+        lora.add_adapter("prompt", config)
+    assert list(lora.peft_config) == ["default"] and lora.state_dict().keys() == state.keys()
+
+
+@pytest.mark.upstream
+def test_prompt_learning_configs_move_both_ways_with_upstream(tmp_path):
+    """Upstream PEFT 0.21.2 reads our files as the same configs, and we read its files without dropping a key."""
+    from tests.upstream_harness import UpstreamUnavailable, ensure_upstream_peft, run_upstream
+
+    try:
+        ensure_upstream_peft()
+    except UpstreamUnavailable as exc:
+        if os.environ.get("PEFT_UPSTREAM_OPTIONAL") == "1":
+            pytest.skip(f"upstream peft unavailable: {exc}")
+        raise
+    configs = _prompt_configs()
+    for name, config in configs.items():
+        config.save_pretrained(tmp_path / "ours" / name)
+    script = '''
+import json, sys
+from pathlib import Path
+import peft
+from peft import PeftConfig
+root = Path(sys.argv[1])
+out = {}
+for folder in sorted((root / "ours").iterdir()):
+    config = PeftConfig.from_pretrained(str(folder))
+    mine = json.loads((folder / "adapter_config.json").read_text())
+    kwargs = {k: v for k, v in mine.items() if k not in ("peft_type", "peft_version")}
+    type(config)(**kwargs).save_pretrained(str(root / "upstream" / folder.name))
+    out[folder.name] = {"class": type(config).__name__, "config": json.loads(json.dumps(config.to_dict(), default=str))}
+emit(out)
+'''
+    report = run_upstream(script, args=[str(tmp_path)], timeout=120).data
+    for name, config in configs.items():
+        assert report[name]["class"] == type(config).__name__
+        theirs = {k: v for k, v in report[name]["config"].items() if k != "peft_version"}
+        assert theirs == {k: v for k, v in config.to_dict().items() if k != "peft_version"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = PeftConfig.from_pretrained(tmp_path / "upstream" / name)
+        assert type(loaded) is type(config)
+        assert {**loaded.to_dict(), "peft_version": None} == {**config.to_dict(), "peft_version": None}

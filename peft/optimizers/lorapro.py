@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from ..tuners.lorapro import math as lp
 from ..tuners.lorapro.config import MODES, validate_options
-from .pairs import LoraProPair, lorapro_pairs, pairs_from_parameters
+from .pairs import LoraProPair, lorapro_pairs, pairs_from_parameters, pairs_in_groups
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -73,13 +73,16 @@ class LoraProAdamW(Optimizer):
 
     Args:
         model: the model (a `PeftModel` from `get_peft_model(model, LoraProConfig(...))`, or any module holding
-            LoRA-Pro layers). A and B are paired by the layers that own them.
-        lr, betas, eps, weight_decay: as `torch.optim.AdamW`; weight decay is decoupled (`p <- p - lr wd p`) on A, B
-            and on every other trainable parameter.
+            LoRA-Pro layers), or its parameters / param groups, as torch optimizers take them (what transformers'
+            `Trainer(optimizer_cls_and_kwargs=(LoraProAdamW, {...}))` passes: a decay and a no-decay group, each
+            with its own `weight_decay`). Either way A and B are paired by the LoRA-Pro layers that own them, never
+            by their position; a pair's A and B must be in the same group.
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW` (defaults for the groups); weight decay is decoupled
+            (`p <- p - lr wd p`) on A, B and on every other trainable parameter.
         mode, x_mode, damping: override the adapters' `LoraProConfig` options (None: each adapter's own).
 
-    Every trainable parameter of `model` that is not a LoRA-Pro factor (a classifier head, biases) is updated as
-    plain AdamW in the same optimizer. Moments are fp32 (fp64 for fp64 parameters), created at the first step,
+    Every trainable parameter that is not a LoRA-Pro factor (a classifier head, biases) is updated as plain AdamW
+    in the same optimizer. Moments are fp32 (fp64 for fp64 parameters), created at the first step,
     and round-trip through `state_dict()` / `load_state_dict()`. Modes (per pair):
 
     - "full": the paper's Algorithm 2: Adam moments of the equivalent gradient `g~` in the (m, n) space, the Adam
@@ -89,10 +92,15 @@ class LoraProAdamW(Optimizer):
     """
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-        weight_decay: float = 0.0, *, mode: Optional[str] = None, x_mode: Optional[str] = None,
-        damping: Optional[float] = None,
+        self, model: Union[nn.Module, Iterable[torch.Tensor], Iterable[dict]], lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
+        mode: Optional[str] = None, x_mode: Optional[str] = None, damping: Optional[float] = None,
     ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode, x_mode=x_mode,
+                        damping=damping)
+        if not isinstance(model, nn.Module):
+            self._setup_groups(model, defaults)
+            return
         pairs = lorapro_pairs(model)
         factor_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
         others, seen = [], set()
@@ -100,8 +108,7 @@ class LoraProAdamW(Optimizer):
             if param.requires_grad and id(param) not in factor_ids and id(param) not in seen:
                 seen.add(id(param))
                 others.append(param)
-        self._setup(pairs, others, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                        mode=mode, x_mode=x_mode, damping=damping))
+        self._setup(pairs, others, defaults)
 
     def _setup(self, pairs: list[LoraProPair], others: list[torch.Tensor], defaults: dict) -> None:
         _validate_hyper(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
@@ -111,6 +118,16 @@ class LoraProAdamW(Optimizer):
             groups.append({"params": others, "lorapro": False})
         super().__init__(groups, defaults)
         self._pairs = pairs
+
+    def _setup_groups(self, params: Union[Iterable[torch.Tensor], Iterable[dict]], defaults: dict) -> None:
+        """The optimizer over `params` (tensors or param groups, kept as given); pairs from the owning layers."""
+        _validate_hyper(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        _validate_overrides(defaults["mode"], defaults["x_mode"], defaults["damping"])
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _validate_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            _validate_overrides(group["mode"], group["x_mode"], group["damping"])
+        self._pairs = pairs_in_groups(self.param_groups)
 
     @property
     def pairs(self) -> list[LoraProPair]:
@@ -143,11 +160,11 @@ class LoraProAdamW(Optimizer):
         grams = lp.grams_batched([(b.A, b.B) for b in batches], [b.damping for b in batches])
         for batch, g in zip(batches, grams):
             self._step_batch(batch, g)
-        for group in self.param_groups:
-            if not group.get("lorapro", False):  # groups added later (add_param_group) are plain AdamW
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._step_plain(param, group)
+        factors = {id(p) for pair in self._pairs for p in (pair.A, pair.B)}
+        for group in self.param_groups:  # everything else, groups added later (add_param_group) too: plain AdamW
+            for param in group["params"]:
+                if param.grad is not None and id(param) not in factors:
+                    self._step_plain(param, group)
         return loss
 
     def _batches(self, pairs: list[LoraProPair], group_of: dict) -> list[_Batch]:

@@ -104,11 +104,7 @@ def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("AdamWLoRAPro got no trainable parameters.")
-    owner: dict[int, tuple[LoraProPair, str]] = {}
-    for layer in live_lorapro_layers():
-        for name, A, B in _adapters(layer):
-            pair = LoraProPair(layer, name, A, B)
-            owner[id(A)], owner[id(B)] = (pair, "A"), (pair, "B")
+    owner = _owners()
     given = {id(p) for p in params}
     pairs, seen = [], set()
     for index, param in enumerate(params):
@@ -130,4 +126,47 @@ def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
         if id(pair.A) not in seen:
             seen.add(id(pair.A))
             pairs.append(pair)
+    return pairs
+
+
+def _owners() -> dict[int, tuple[LoraProPair, str]]:
+    """id of every A and B factor of the live LoRA-Pro layers -> (its pair, "A" or "B")."""
+    owner: dict[int, tuple[LoraProPair, str]] = {}
+    for layer in live_lorapro_layers():
+        for name, A, B in _adapters(layer):
+            pair = LoraProPair(layer, name, A, B)
+            owner[id(A)], owner[id(B)] = (pair, "A"), (pair, "B")
+    return owner
+
+
+def pairs_in_groups(groups: list[dict]) -> list[LoraProPair]:
+    """The pairs among the trainable parameters of an optimizer's param groups (e.g. the decay / no-decay groups
+    transformers' Trainer passes to an `optimizer_cls_and_kwargs` class), found through the live LoRA-Pro layers that
+    own them. Parameters that are no LoRA-Pro factor are not paired (the optimizer steps them as plain AdamW).
+
+    Raises ValueError when a trainable factor's partner is frozen, absent from the groups or in another group (A
+    and B step together, with one group's hyperparameters), or when no factor is found at all."""
+    owner = _owners()
+    group_of = {id(p): index for index, group in enumerate(groups) for p in group["params"]}
+    pairs, seen = [], set()
+    for index, group in enumerate(groups):
+        for param in group["params"]:
+            if id(param) not in owner or not param.requires_grad:
+                continue
+            pair, role = owner[id(param)]
+            partner, other = (pair.B, "B") if role == "A" else (pair.A, "A")
+            if not partner.requires_grad:
+                raise _frozen_partner_error(pair.adapter_name, type(pair.layer).__name__, pair.A)
+            if group_of.get(id(partner)) != index:
+                where = "is not among the parameters" if id(partner) not in group_of else "is in another param group"
+                raise ValueError(f"The {role} factor of LoRA-Pro adapter {pair.adapter_name!r} is in param group "
+                                 f"#{index} but its partner {other} {where}; LoRA-Pro steps A and B together, so give "
+                                 "both to the same group.")
+            if id(pair.A) not in seen:
+                seen.add(id(pair.A))
+                pairs.append(pair)
+    if not pairs:
+        raise ValueError("LoraProAdamW got no LoRA-Pro factor among its parameters: build the model with "
+                         "get_peft_model(model, LoraProConfig(...)) and give the optimizer its trainable parameters "
+                         "(or the model itself).")
     return pairs

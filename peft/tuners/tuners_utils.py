@@ -10,6 +10,7 @@ from torch import nn
 
 from ..utils.constants import TASK_TYPE_TO_HEAD_MODULES
 from ..utils.other import ModulesToSaveWrapper, get_submodules
+from ..utils.transformers_weight_conversion import legacy_module_names
 from .target_matching import _inside_adapter_machinery, is_target
 
 
@@ -201,11 +202,12 @@ class BaseTuner(nn.Module):
         config = self._prepare_adapter_config(config, model_config)
         self.peft_config[adapter_name] = config
         protected = set(config.modules_to_save or [])
+        legacy = legacy_module_names(model)  # transformers v5 renamed modules: a config may name the old ones
         matched = []
         for key, _ in list(model.named_modules()):
             if not key or _inside_adapter_machinery(key) or _under(key, protected):
                 continue
-            if not is_target(config, key):
+            if not (is_target(config, key) or (key in legacy and is_target(config, legacy[key]))):
                 continue
             parent, target, target_name = get_submodules(model, key)
             self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
@@ -226,6 +228,7 @@ class BaseTuner(nn.Module):
             for name, param in model.named_parameters():
                 if _adapter_param(name, adapter_name):
                     param.requires_grad_(False)
+        self._wrap_trainable_tokens(model, config, adapter_name)  # after the freeze above, which knows LoRA names only
 
     def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> None:
         names = config.modules_to_save or []
@@ -244,6 +247,12 @@ class BaseTuner(nn.Module):
         missing = [n for n in names if n not in found and n not in optional]
         if missing:
             raise ValueError(f"modules_to_save={names} names modules that do not exist in the model: {missing}.")
+
+    def _wrap_trainable_tokens(self, model: nn.Module, config, adapter_name: str) -> None:
+        """Train the rows `config.trainable_token_indices` names (see `peft.tuners.trainable_tokens`)."""
+        from .trainable_tokens.inject import inject_trainable_tokens
+
+        inject_trainable_tokens(model, config, adapter_name, self.active_adapters)
 
     # --- adapter management -------------------------------------------------------------------------------------
     def tuner_layers(self):

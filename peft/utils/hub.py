@@ -43,8 +43,7 @@ def _from_hub(model_id, filename, subfolder, revision, required, **hub_kwargs) -
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
-    allowed = {"cache_dir", "token", "force_download", "local_files_only", "repo_type"}
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in hub_download_arguments() and v is not None}
     offline = is_offline()
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder, revision=revision, **kwargs)
@@ -69,3 +68,12 @@ def is_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_download_arguments() -> frozenset[str]:
+    """Keyword arguments `huggingface_hub.hf_hub_download` takes besides the file's location."""
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+
+    return frozenset(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename", "subfolder", "revision"}

@@ -7,6 +7,9 @@ to `get_peft_model`, the two saves, and the estimation dataloader.
     save_loraga_model_init(model, save_dir=save_dir)
     ... train ...
     save_loraga_model_final(model, save_dir=save_dir)   # a plain rank-2r LoRA for the ORIGINAL base weights
+
+With transformers' Trainer (or TRL's): `Trainer(model=get_peft_model(model, LoraGAConfig(...)), ...,
+callbacks=[LoraGACallback()])` estimates and initialises at the start of training (docs/loraga.md).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..tuners.loraga.saving import INIT_SUBFOLDER, save_loraga_model_final, save
 
 __all__ = [
     "INIT_SUBFOLDER",
+    "LoraGACallback",  # noqa: F822 (module __getattr__ below: imports transformers on first use)
     "LoraGAContext",
     "estimate_gradient",
     "estimation_batches",
@@ -37,6 +41,15 @@ __all__ = [
 ]
 
 _MACHINERY = ("original_module", "modules_to_save")
+
+
+def __getattr__(name: str):
+    """`LoraGACallback` (the Trainer flow) needs transformers: imported on first use."""
+    if name == "LoraGACallback":
+        from ..tuners.loraga.callback import LoraGACallback
+
+        return LoraGACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _supported(module: nn.Module) -> bool:

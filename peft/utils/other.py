@@ -115,6 +115,15 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         return {k: f"modules_to_save.{adapter_name}.{k}" for k in keys}
 
 
+def __getattr__(name: str) -> Any:
+    """`TrainableTokensWrapper` is importable from here as in upstream (loaded lazily: it builds on the tuners)."""
+    if name == "TrainableTokensWrapper":
+        from ..tuners.trainable_tokens.wrapper import TrainableTokensWrapper
+
+        return TrainableTokensWrapper
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None,
     auto_clear_cache: bool = True,
@@ -158,3 +167,32 @@ def _enable_input_grads(model: nn.Module) -> None:
         return
     if hasattr(model, "get_input_embeddings"):
         model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """An FSDP (v1) auto-wrap policy for a model with adapters, as transformers' Trainer and accelerate ask for it.
+
+    Two kinds of units: each transformer block (the classes named by `FSDP_TRANSFORMER_CLS_TO_WRAP`, comma-separated,
+    else the model's `_no_split_modules`), and each leaf module whose parameters all train (an adapter's `lora_A` /
+    `lora_B`), so that FSDP never flattens frozen and trainable tensors into one flat parameter.
+    """
+    import functools
+    import os
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    names = [n.strip() for n in names.split(",") if n.strip()] or list(getattr(model, "_no_split_modules", None) or [])
+    by_name = {type(m).__name__: type(m) for m in model.modules()}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"FSDP transformer layer classes {missing} are not in {type(model).__name__}; "
+                         f"expected names of its block classes (e.g. {sorted(by_name)[:8]}).")
+
+    def trains_alone(module: nn.Module) -> bool:
+        params = list(module.parameters(recurse=False))
+        return not list(module.children()) and bool(params) and all(p.requires_grad for p in params)
+
+    lambda_policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=trains_alone)
+    blocks = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={by_name[n] for n in names})
+    return functools.partial(_or_policy, policies=[lambda_policy, blocks])

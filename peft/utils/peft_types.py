@@ -9,6 +9,10 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
     LORAGA = "LORAGA"
     LORAPRO = "LORAPRO"
+    # Prompt-learning methods: their configs load and save, but no tuner implements them here.
+    PREFIX_TUNING = "PREFIX_TUNING"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
 
 
 class TaskType(str, enum.Enum):

@@ -1,7 +1,9 @@
 """Adapter state dicts in upstream's file format, and reading adapter weight files.
 
 In memory a key reads `<path>.lora_A.<adapter>.weight`; on disk the adapter name is dropped:
-`<path>.lora_A.weight`, `<path>.lora_embedding_A`, and `<path>.<param>` for `modules_to_save` copies.
+`<path>.lora_A.weight`, `<path>.lora_embedding_A`, and `<path>.<param>` for `modules_to_save` copies. Wrappers
+(`AuxiliaryTrainingWrapper`) give their own map, e.g. trainable tokens:
+`<path>.token_adapter.trainable_tokens_delta` on disk, `<path>.token_adapter.trainable_tokens_delta.<adapter>`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from .constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .hub import is_offline, resolve_adapter_file
 from .io import atomic_write
+from .other import AuxiliaryTrainingWrapper
 
 _LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
@@ -30,6 +33,18 @@ def _adapter_key_to_file_key(key: str, adapter_name: str) -> Optional[str]:
             replacement = "." if container == "modules_to_save" else f".{container}."
             return key.replace(marker + ".", replacement, 1)
     return None
+
+
+def _wrapper_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """In-memory key -> on-disk key of every tensor a wrapper saves for `adapter_name`, from the wrappers'
+    `adapter_state_dict_load_map` (on-disk key -> in-memory key, both relative to the wrapper)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            prefix = f"{name}." if name else ""
+            for file_key, key in module.adapter_state_dict_load_map(adapter_name).items():
+                out[prefix + key] = prefix + file_key
+    return out
 
 
 def _bias_keys(model: nn.Module, state_dict: dict, bias: str) -> list[str]:
@@ -58,8 +73,9 @@ def get_peft_model_state_dict(
     if state_dict is None:
         state_dict = model.state_dict()
     out = {}
+    wrapped = _wrapper_keys(model, adapter_name)
     for key, value in state_dict.items():
-        file_key = _adapter_key_to_file_key(key, adapter_name)
+        file_key = _adapter_key_to_file_key(key, adapter_name) or wrapped.get(key)
         if file_key is not None:
             out[file_key] = value
     for key in _bias_keys(model, state_dict, getattr(config, "bias", "none")):
@@ -96,8 +112,9 @@ def set_peft_model_state_dict(
     model_state = model.state_dict()
     model_keys = set(model_state)
     reverse = {}
+    wrapped = _wrapper_keys(model, adapter_name)
     for key in model_keys:
-        file_key = _adapter_key_to_file_key(key, adapter_name)
+        file_key = _adapter_key_to_file_key(key, adapter_name) or wrapped.get(key)
         if file_key is not None:
             reverse[file_key] = key
     targets, unexpected, mismatched, skipped = {}, [], [], set()

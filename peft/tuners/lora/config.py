@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
@@ -26,6 +27,8 @@ class LoraConfig(PeftConfig):
         use_rslora: use `lora_alpha / sqrt(r)` (Kalajdzievski 2023). bias: "none", "all" or "lora_only".
         fan_in_fan_out: the base stores W as (in, out) (GPT-2's Conv1D). modules_to_save: modules trained whole.
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A normal, std 1/r), False (random B).
+        trainable_token_indices: train only these rows of an embedding beside the LoRA layers: a list of token ids
+            (the input embedding), or a dict from embedding module name to token ids, e.g. `{"embed_tokens": [5]}`.
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -43,11 +46,13 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank (regex -> r)."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha (regex -> alpha)."})
     lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Upstream spelling of LoRA-GA."})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token ids whose embedding rows train: a list, or {module name: list}."})
 
     peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORA
     unsupported_upstream_fields: ClassVar[tuple[str, ...]] = (
         "use_dora", "lora_bias", "layer_replication", "loftq_config", "megatron_config", "megatron_core",
-        "eva_config", "corda_config", "trainable_token_indices", "target_parameters", "use_qalora",
+        "eva_config", "corda_config", "target_parameters", "use_qalora",
         "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config",
         "monteclora_config", "use_bdlora", "velora_config", "runtime_config",
     )
@@ -61,6 +66,8 @@ class LoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        if self.trainable_token_indices is not None:  # plain ints and lists, so the JSON form is upstream's
+            self.trainable_token_indices = normalized_token_indices(self.trainable_token_indices)
 
     def _validate(self) -> None:
         _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "a positive int")
@@ -82,10 +89,46 @@ class LoraConfig(PeftConfig):
                 _check(isinstance(value, (int, float)) and value > 0, f"{name}[{key!r}]", value, "a positive number")
         if self.init_lora_weights == "lora_ga":
             _check(self.peft_type == PeftType.LORA, "init_lora_weights", "lora_ga", "only with a LoraConfig")
+        check_trainable_token_indices(self.trainable_token_indices)
 
     @staticmethod
     def _extra_inits() -> tuple:
         return ("lora_ga",)
+
+
+_TOKEN_IDS = "a non-empty list of distinct non-negative int token ids"
+
+
+def check_trainable_token_indices(value) -> None:
+    """Validate `trainable_token_indices`: None, a list of token ids, or a dict from module name to such a list.
+
+    Called by `LoraConfig` and again when the adapter is injected (TRL assigns the field after construction).
+    """
+    if value is None:
+        return
+    expected = f"{_TOKEN_IDS}, or a dict from embedding module name to {_TOKEN_IDS}"
+    if isinstance(value, dict):
+        _check(len(value) > 0, "trainable_token_indices", value, expected)
+        for name, ids in value.items():
+            _check(isinstance(name, str) and name != "", "trainable_token_indices", value,
+                   f"{expected} (module names are non-empty strings, got {name!r})")
+            _check(_token_id_list(ids), f"trainable_token_indices[{name!r}]", ids, _TOKEN_IDS)
+    else:
+        _check(_token_id_list(value), "trainable_token_indices", value, expected)
+
+
+def _token_id_list(ids) -> bool:
+    if not isinstance(ids, (list, tuple)) or not ids:
+        return False
+    ints = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids)
+    return ints and len(set(ids)) == len(ids)
+
+
+def normalized_token_indices(value):
+    """The same indices as plain Python lists of ints (tuples and numpy ints become JSON-able)."""
+    if isinstance(value, dict):
+        return {name: [int(i) for i in ids] for name, ids in value.items()}
+    return [int(i) for i in value]
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:

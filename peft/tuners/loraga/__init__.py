@@ -3,4 +3,13 @@
 from .config import LoraGAConfig
 from .model import LoraGAModel
 
-__all__ = ["LoraGAConfig", "LoraGAModel"]
+__all__ = ["LoraGACallback", "LoraGAConfig", "LoraGAModel"]
+
+
+def __getattr__(name: str):
+    """`LoraGACallback` needs transformers: imported on first use."""
+    if name == "LoraGACallback":
+        from .callback import LoraGACallback
+
+        return LoraGACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,12 +86,15 @@ def set_factors(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options
         param_B.copy_(B.reshape(param_B.shape))
 
 
-def offset_base(layer: LoraLayer, adapter_name: str) -> None:
-    """`W <- W - s B A` on `layer`'s base, from A and B of `adapter_name` as stored (fp32, rounded once)."""
+def offset_base(layer: LoraLayer, adapter_name: str,
+                factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    """`W <- W - s B A` on `layer`'s base, from A and B of `adapter_name` as stored (or `factors`, stored layout and
+    dtype) in fp32, rounded once."""
     base, kind = layer.get_base_layer(), _kind(layer)
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
-    param_A, param_B = factor_params(layer, adapter_name)
+    param_A, param_B = factor_params(layer, adapter_name) if factors is None else factors
     with torch.no_grad():
+        param_A, param_B = param_A.to(base.weight.device), param_B.to(base.weight.device)
         stored_A, stored_B = param_A.reshape(r, -1), param_B.reshape(-1, r)  # (r, n), (m, r) as stored
         if quant.is_quantized(base):
             delta = scaling * (stored_B.float() @ stored_A.float())  # (m, n) == (out, in) for bnb Linear
@@ -115,6 +118,23 @@ def _check_own_weight(model: nn.Module, layer: LoraLayer, key: str) -> None:
                          f"{key!r} out of target_modules.")
 
 
+def init_record(tuner) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """adapter name -> module key -> (A0, B0): the factors a `LoraGAModel`'s adapters were initialised with (CPU
+    copies, stored layout and dtype), i.e. what its base weights were offset by. Saving needs them: the trained
+    adapter equals `s (B A - B0 A0)` on the original weights. Adapters never initialised (loaded, or built with no
+    gradients waiting) have no entry."""
+    return tuner.__dict__.setdefault("_loraga_init", {})
+
+
+def _remember_init(tuner, layer: LoraLayer, adapter_name: str, key: str,
+                   factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    """Record `factors` (default: the layer's A, B as stored now) as the init of `adapter_name` at `key`."""
+    if isinstance(tuner, LoraGAModel):  # LoraModel(init_lora_weights="lora_ga") saves as upstream: no record
+        factors = factor_params(layer, adapter_name) if factors is None else factors
+        init_record(tuner).setdefault(adapter_name, {})[key] = tuple(t.detach().to("cpu", copy=True)
+                                                                     for t in factors)
+
+
 @contextlib.contextmanager
 def offsets_after_injection(tuner) -> Iterator[None]:
     """Inside: LoRA-GA layers get their A and B, and their base weights are offset only once the whole injection
@@ -128,6 +148,7 @@ def offsets_after_injection(tuner) -> Iterator[None]:
         tuner.__dict__.pop("_loraga_pending", None)
     for layer, adapter_name, key in pending:
         offset_base(layer, adapter_name)
+        _remember_init(tuner, layer, adapter_name, key)
         consume_gradient(tuner.model, key)
 
 
@@ -141,7 +162,9 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
         if not getattr(tuner, "_warned_no_gradients", False):
             warnings.warn("No LoraGAContext is open for this model (and no preprocess_loraga gradients wait): the "
                           "adapter keeps LoRA's default init and the base weights are not offset. That is right when "
-                          "loading saved weights; to initialise LoRA-GA, call get_peft_model inside LoraGAContext.")
+                          "loading saved weights, and before training with LoraGACallback (it initialises at the "
+                          "start of training); else, to initialise LoRA-GA, call get_peft_model inside "
+                          "LoraGAContext.")
             tuner._warned_no_gradients = True
         if config.init_lora_weights == "lora_ga":  # the layer was built with init False (random B): use the default
             layer.reset_lora_parameters(adapter_name, True)
@@ -159,6 +182,7 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
         pending.append((layer, adapter_name, key))
     else:
         offset_base(layer, adapter_name)
+        _remember_init(tuner, layer, adapter_name, key)
         consume_gradient(tuner.model, key)
 
 
@@ -167,16 +191,135 @@ def _is_upstream_spelling(config) -> bool:
 
 
 class LoraGAModel(LoraModel):
-    """LoRA model whose new adapters are initialised by LoRA-GA (gradients from the open `LoraGAContext`)."""
+    """LoRA model whose new adapters are initialised by LoRA-GA (gradients from the open `LoraGAContext`, or later
+    by `initialise_adapter`, what `LoraGACallback` calls at the start of training).
+
+    An initialised adapter only fits the offset base `W - s B0 A0`, so it is saved (`PeftModel.save_pretrained`,
+    hence every Trainer checkpoint) as the plain rank-2r LoRA that fits the ORIGINAL base (`adapter_to_save`), and
+    loading such a folder back into a fresh adapter of the same config restores the rank-r adapter on the offset
+    base (`adapter_from_saved`, what Trainer's `resume_from_checkpoint` runs)."""
 
     prefix: str = "lora_"
 
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        init_record(self).pop(adapter_name, None)  # a new adapter of that name starts without an init
         with offsets_after_injection(self):
             super().inject_adapter(model, adapter_name)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        init_record(self).pop(adapter_name, None)
+
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         init_from_gradients(self, layer, config, adapter_name, key)
+
+    def adapter_layers(self, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+        """(module key, layer) for every layer carrying `adapter_name`."""
+        return [(k, m) for k, m in self.tuner_layers() if isinstance(m, LoraLayer) and layer_factors(m, adapter_name)]
+
+    def initialise_adapter(self, adapter_name: str, named_grad: dict[str, torch.Tensor]) -> None:
+        """LoRA-GA init of an existing adapter that has not been initialised yet (built with no gradients waiting):
+        A and B from `named_grad` (as `estimate_gradient` returns), copied into the same Parameter objects (an
+        optimizer that already holds them sees the init), then every base weight offset. All-or-nothing: on an error
+        A, B and the base weights are as they were."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {adapter_name!r}; available adapters: {sorted(self.peft_config)}.")
+        if adapter_name in init_record(self):
+            raise ValueError(f"Adapter {adapter_name!r} is already LoRA-GA initialised (its base weights are offset);"
+                             " initialising again would offset them twice.")
+        options = LoraGAInitOptions.from_any(self.peft_config[adapter_name])
+        grads = {normalize_name(k): v for k, v in named_grad.items()}
+        layers = self.adapter_layers(adapter_name)
+        for key, layer in layers:
+            if normalize_name(key) not in grads:
+                raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover "
+                                 f"{len(grads)} modules (e.g. {sorted(grads)[:5]}).")
+            _check_own_weight(self.model, layer, key)
+        saved = [(p, p.data.clone()) for _, layer in layers for p in factor_params(layer, adapter_name)]
+        try:
+            for key, layer in layers:
+                set_factors(layer, adapter_name, grads[normalize_name(key)], options, name=key)
+        except Exception:
+            for param, data in saved:
+                param.data = data
+            raise
+        for key, layer in layers:
+            offset_base(layer, adapter_name)
+            _remember_init(self, layer, adapter_name, key)
+
+    def adapter_to_save(self, adapter_name: str, weights: dict, config) -> tuple[dict, object]:
+        """The on-disk form of adapter `adapter_name` (`weights` in on-disk keys, as `get_peft_model_state_dict`
+        gives them): an initialised adapter becomes the plain rank-2r LoRA `([A; A0], [B, -B0])` with its config
+        (`saving.final_form`); any other is saved as it is (it fits the original base already)."""
+        from .saving import final_form
+
+        init_state = self.init_state_dict(adapter_name)
+        return (weights, config) if init_state is None else final_form(weights, init_state, config)
+
+    def adapter_from_saved(self, adapter_name: str, weights: dict, config):
+        """Undo `adapter_to_save` when loading into the existing adapter `adapter_name`: returns the weights to
+        load and a function to call once they are loaded (None when there is nothing to undo).
+
+        A plain LoRA folder of rank 2r (per layer) with this adapter's scale is split into the trained
+        `A = A'[:r]`, `B = B'[:, :r]` (returned) and the initial `A0 = A'[r:]`, `B0 = -B'[:, r:]`. The function then
+        offsets the base weights by `-s B0 A0` (in fp32 from A0, B0 as stored, rounded once: bit for bit the offset of
+        the original run) and records the init. Into an adapter that is initialised already, the folder's A0, B0 must
+        be the ones its base was offset with (e.g. a checkpoint of the same run); else a ValueError."""
+        from .saving import split_final_state_dict
+
+        layers = dict(self.adapter_layers(adapter_name))
+        split = split_final_state_dict(weights, {key: (*_file_keys(key, layer), layer.r[adapter_name],
+                                                       layer.scaling[adapter_name]) for key, layer in layers.items()},
+                                       config)
+        if split is None:
+            return weights, None
+        weights, init = split
+        for key, layer in layers.items():
+            _check_own_weight(self.model, layer, key)
+        record = init_record(self).get(adapter_name)
+        if record is not None:
+            _check_same_init(adapter_name, record, init)
+            return weights, None
+
+        def commit() -> None:
+            for key, layer in layers.items():
+                offset_base(layer, adapter_name, factors=init[key])
+                _remember_init(self, layer, adapter_name, key, factors=init[key])
+
+        return weights, commit
+
+    def init_state_dict(self, adapter_name: str) -> Optional[dict[str, torch.Tensor]]:
+        """The recorded A0, B0 of `adapter_name` under their on-disk keys (None: not LoRA-GA initialised)."""
+        record = init_record(self).get(adapter_name)
+        if record is None:
+            return None
+        layers = dict(self.adapter_layers(adapter_name))
+        state = {}
+        for key, (A0, B0) in record.items():
+            key_A, key_B = _file_keys(key, layers[key])
+            state[key_A], state[key_B] = A0, B0
+        return state
+
+
+_FILE_PREFIX = "base_model.model."  # PeftModel.base_model (this tuner) .model (the wrapped model)
+
+
+def _file_keys(key: str, layer: LoraLayer) -> tuple[str, str]:
+    """On-disk keys of the A and B factors of the layer at module key `key` (the adapter name is not in them)."""
+    if _kind(layer) == "embedding":
+        return f"{_FILE_PREFIX}{key}.lora_embedding_A", f"{_FILE_PREFIX}{key}.lora_embedding_B"
+    return f"{_FILE_PREFIX}{key}.lora_A.weight", f"{_FILE_PREFIX}{key}.lora_B.weight"
+
+
+def _check_same_init(adapter_name: str, record: dict, init: dict) -> None:
+    for key, (A0, B0) in record.items():
+        A1, B1 = init[key]
+        if not (torch.equal(A0, A1.to(A0)) and torch.equal(B0, B1.to(B0))):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is LoRA-GA initialised already, and the folder's initial factors for "
+                f"{key!r} are not the ones its base weights were offset with (another run?). Load it into a fresh "
+                "model: get_peft_model(base, config) outside LoraGAContext, then load_adapter (or Trainer's "
+                "resume_from_checkpoint).")
 
 
 def layer_factors(layer: LoraLayer, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,6 +12,7 @@ the same way. The model in memory is not touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Optional
 
@@ -101,20 +102,65 @@ def final_config(config) -> LoraConfig:
                              rank_pattern=ranks, alpha_pattern=alphas)
 
 
+def final_form(state: dict[str, torch.Tensor], init_state: dict[str, torch.Tensor], config) -> tuple[dict, LoraConfig]:
+    """(tensors, config) of the rank-2r plain LoRA equal to the trained adapter `state` (on-disk keys) that was
+    initialised with `init_state` (A0, B0 under the same keys), on the original base."""
+    init_state = {k: v.to(state[k].device) if k in state else v for k, v in init_state.items()}
+    return final_state_dict(state, init_state), final_config(config)
+
+
+def split_final_state_dict(state: dict[str, torch.Tensor], layers: dict[str, tuple[str, str, int, float]],
+                           saved_config) -> Optional[tuple[dict, dict]]:
+    """The inverse of `final_form` for an adapter whose layers are `layers` (module key -> (on-disk key of A, of B,
+    rank r, scale s)): `(state with A = A'[:r], B = B'[:, :r], {module key: (A0, B0)})` with `A0 = A'[r:]`,
+    `B0 = -B'[:, r:]`. None when `state` does not hold rank-2r factors for every layer (e.g. an adapter saved before
+    its LoRA-GA init: nothing to split; a plain load then checks the shapes). A ValueError when the saved scale is
+    not the layer's (then `B' A'` is not `B A - B0 A0` of this adapter)."""
+    if not all(a in state and b in state and state[a].shape[0] == 2 * r and state[b].shape[1] == 2 * r
+               for a, b, r, _ in layers.values()):
+        return None
+    from ..lora.functional import lora_scaling
+    from ..target_matching import pattern_value
+
+    out, init = dict(state), {}
+    for key, (key_A, key_B, r, scaling) in layers.items():
+        alpha = pattern_value(key, getattr(saved_config, "alpha_pattern", None) or {}, saved_config.lora_alpha)
+        saved = lora_scaling(alpha, 2 * r, getattr(saved_config, "use_rslora", False))
+        if not math.isclose(saved, scaling, rel_tol=1e-6):
+            raise ValueError(f"The folder holds a rank-{2 * r} LoRA for {key!r} with scale {saved!r}, but this LoRA-GA "
+                             f"adapter's scale there is {scaling!r}: it is not this adapter's saved form (same r, "
+                             "lora_alpha, use_rslora and patterns are needed).")
+        A, B = state[key_A], state[key_B]
+        out[key_A], out[key_B] = A[:r].contiguous(), B[:, :r].contiguous()
+        init[key] = (A[r:].contiguous(), (-B[:, r:]).contiguous())
+    return out, init
+
+
 def save_loraga_model_final(model: nn.Module, save_dir: str, adapter_name: Optional[str] = None,
                             is_main_process: Optional[bool] = None) -> str:
     """Write into `save_dir` the plain LoRA adapter (rank 2r) that reproduces the trained model on the ORIGINAL
-    base weights: `PeftModel.from_pretrained(original_base, save_dir)` (here or in upstream PEFT). Needs
-    `save_loraga_model_init(model, save_dir)` from before training. The model in memory stays as it is."""
+    base weights: `PeftModel.from_pretrained(original_base, save_dir)` (here or in upstream PEFT). A0, B0 come from
+    `save_loraga_model_init(model, save_dir)` (from before training) when that folder exists, else from the
+    model's own record of its init (`LoraGAModel`: what `save_pretrained` uses). The model in memory stays as it
+    is."""
     name = _adapter(model, adapter_name)
     init_dir = os.path.join(save_dir, INIT_SUBFOLDER)
-    if not os.path.isdir(init_dir):
-        raise FileNotFoundError(f"No initial LoRA-GA adapter in {init_dir!r}: call save_loraga_model_init(model, "
-                                f"save_dir={save_dir!r}) right after get_peft_model, before training.")
+    in_memory = _recorded_init_state(model, name)
+    if not os.path.isdir(init_dir) and in_memory is None:
+        raise FileNotFoundError(f"No initial LoRA-GA adapter in {init_dir!r} and none recorded on the model: call "
+                                f"save_loraga_model_init(model, save_dir={save_dir!r}) right after get_peft_model, "
+                                "before training.")
     if _is_main(is_main_process):
-        init_state = load_peft_weights(init_dir)
+        init_state = load_peft_weights(init_dir) if os.path.isdir(init_dir) else in_memory
         state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
-        device = next(iter(state.values())).device if state else "cpu"
-        init_state = {k: v.to(device) for k, v in init_state.items()}
-        _write(model, final_state_dict(state, init_state), final_config(model.peft_config[name]), save_dir)
+        weights, config = final_form(state, init_state, model.peft_config[name])
+        _write(model, weights, config, save_dir)
     return save_dir
+
+
+def _recorded_init_state(model: nn.Module, adapter_name: str) -> Optional[dict[str, torch.Tensor]]:
+    """A0, B0 of `adapter_name` under their on-disk keys, as the LoRA-GA tuner recorded them; None if it did not."""
+    from .model import LoraGAModel
+
+    tuner = getattr(model, "base_model", None)
+    return tuner.init_state_dict(adapter_name) if isinstance(tuner, LoraGAModel) else None

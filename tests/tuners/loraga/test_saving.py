@@ -131,9 +131,109 @@ def test_model_in_memory_untouched_and_still_trains(flows, case):
     assert (_logits(model, ids) - facts[case]["trained"]).abs().max() > 0
 
 
-def test_final_without_init_is_a_clear_error(tmp_path):
+def _initialised(grad_seed: int = 0, lora_alpha: float = 4, **kwargs):
     model = llama()
-    with LoraGAContext(model=model, named_grad=estimate_gradient(model, token_batches(1))):
-        peft_model = get_peft_model(model, LoraGAConfig(target_modules=["q_proj"], r=2))
+    grads = estimate_gradient(model, token_batches(2, seed=grad_seed))
+    with LoraGAContext(model=model, named_grad=grads):
+        return get_peft_model(model, LoraGAConfig(target_modules=["q_proj", "down_proj"], r=2, lora_alpha=lora_alpha,
+                                                  **kwargs))
+
+
+def _fresh(**kwargs):
+    """The same LoRA-GA config built with no gradients waiting: LoRA's default init on the ORIGINAL base."""
+    with pytest.warns(UserWarning, match="No LoraGAContext"):
+        return get_peft_model(llama(), LoraGAConfig(target_modules=["q_proj", "down_proj"], r=2, lora_alpha=4,
+                                                    **kwargs))
+
+
+def test_final_of_an_adapter_never_initialised_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_loraga_model_init"):
-        save_loraga_model_final(peft_model, save_dir=str(tmp_path))
+        save_loraga_model_final(_fresh(), save_dir=str(tmp_path))
+
+
+def test_final_without_init_folder_uses_the_recorded_init(tmp_path):
+    """No `save_loraga_model_init`: the tuner's record of A0, B0 gives the same files as the folder would."""
+    peft_model = _initialised()
+    save_loraga_model_init(peft_model, save_dir=str(tmp_path / "with_folder"))
+    _train(peft_model, token_batches(2))
+    save_loraga_model_final(peft_model, save_dir=str(tmp_path / "with_folder"))
+    save_loraga_model_final(peft_model, save_dir=str(tmp_path / "recorded"))
+    assert not os.path.exists(tmp_path / "recorded" / INIT_SUBFOLDER)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "recorded" / name).read_bytes() == (tmp_path / "with_folder" / name).read_bytes()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_save_pretrained_writes_the_final_form_for_the_original_base(tmp_path, rslora):
+    """An initialised adapter fits only the offset base, so `save_pretrained` (hence every Trainer checkpoint)
+    writes the rank-2r plain LoRA that `save_loraga_model_final` writes; it reloads on the original base."""
+    ids = token_batches(1, seed=9)[0]["input_ids"]
+    peft_model = _initialised(use_rslora=rslora)
+    _train(peft_model, token_batches(2))
+    trained = _logits(peft_model, ids)
+    peft_model.save_pretrained(str(tmp_path / "saved"))
+    save_loraga_model_final(peft_model, save_dir=str(tmp_path / "final"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "final" / name).read_bytes()
+    assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    reloaded = PeftModel.from_pretrained(llama(), str(tmp_path / "saved"))
+    torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_never_initialised_saves_as_itself(tmp_path):
+    _fresh().save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORAGA" and config["r"] == 2
+
+
+def test_load_adapter_into_a_fresh_model_restores_the_run_bit_for_bit(tmp_path):
+    """What Trainer's resume does: `load_adapter(folder)` of the rank-2r saved form into a fresh LoRA-GA model (same
+    config, original base) splits it back into the trained A, B and the offset base, every tensor bit for bit."""
+    peft_model = _initialised()
+    _train(peft_model, token_batches(2))
+    peft_model.save_pretrained(str(tmp_path))
+    fresh = _fresh()
+    fresh.load_adapter(str(tmp_path), "default", is_trainable=True)
+    expected = peft_model.state_dict()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert all(p.requires_grad for n, p in fresh.named_parameters() if ".lora_" in n)
+    fresh.save_pretrained(str(tmp_path / "again"))  # the restored model knows its init: saves the same files
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_load_adapter_of_the_same_run_keeps_the_offset(tmp_path):
+    """Trainer's load_best_model_at_end loads a checkpoint of the same run into the trained model."""
+    peft_model = _initialised()
+    peft_model.save_pretrained(str(tmp_path))
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    _train(peft_model, token_batches(2))
+    peft_model.load_adapter(str(tmp_path), "default", is_trainable=True)
+    for key, value in peft_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_load_adapter_of_another_init_is_a_clear_error(tmp_path):
+    _initialised(grad_seed=1).save_pretrained(str(tmp_path))
+    peft_model = _initialised(grad_seed=0)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    with pytest.raises(ValueError, match="not the ones its base weights were offset with"):
+        peft_model.load_adapter(str(tmp_path), "default")
+    for key, value in peft_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_load_adapter_with_another_scale_is_a_clear_error(tmp_path):
+    _initialised(lora_alpha=8).save_pretrained(str(tmp_path))  # scale 4, the fresh model's is 2
+    with pytest.raises(ValueError, match="not this adapter's saved form"):
+        _fresh().load_adapter(str(tmp_path), "default")
+
+
+def test_delete_adapter_forgets_its_init(tmp_path):
+    from peft.tuners.loraga.model import init_record
+
+    peft_model = _initialised()
+    assert set(init_record(peft_model.base_model)) == {"default"}
+    peft_model.base_model.delete_adapter("default")
+    assert init_record(peft_model.base_model) == {}
