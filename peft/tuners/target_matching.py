@@ -73,7 +73,7 @@ def all_linear_names(model: nn.Module) -> set[str]:
     return names - output_names
 
 
-_MACHINERY = ("base_layer", "original_module", "modules_to_save")
+_MACHINERY = ("base_layer", "original_module", "modules_to_save", "token_adapter")
 
 
 def _inside_adapter_machinery(key: str) -> bool:
