@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from .registry import PEFT_TYPE_TO_CONFIG_MAPPING
+from .utils.config_validation import Refused, Rule, boolean, mapping, member_of, optional, text
 from .utils.constants import CONFIG_NAME
 from .utils.hub import hub_download_arguments, resolve_adapter_file
 from .utils.io import atomic_write_text
@@ -26,6 +27,11 @@ class PeftConfig:
     """Fields shared by every adapter type; subclasses add the method's own fields.
 
     The JSON form is `dataclasses.asdict` with enums as their values, sets as sorted lists and sorted keys.
+
+    Every field listed in a class's `field_rules` (merged over the class hierarchy; see
+    `peft.utils.config_validation`) is checked whenever it is assigned: in the constructor, when loading
+    `adapter_config.json`, and afterwards (`config.r = 8`), so a bad value fails where it is set, before any model
+    is touched. Checks that relate several fields run at construction (`_check_combinations`) and in `validate()`.
     """
 
     peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "The adapter method."})
@@ -40,22 +46,37 @@ class PeftConfig:
     peft_type_default: ClassVar[Optional[PeftType]] = None
     # Upstream fields this fork does not implement: accepted (and dropped) only at an inert value.
     unsupported_upstream_fields: ClassVar[tuple[str, ...]] = ()
+    # What each field accepts (this class's own fields; subclasses list theirs). `peft_type` is added per class.
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "task_type": optional(member_of(TaskType)),
+        "base_model_name_or_path": optional(text(paths=True)),
+        "revision": optional(text()),
+        "inference_mode": boolean(),
+        "auto_mapping": optional(mapping()),
+        "peft_version": optional(text()),
+    }
 
     def __post_init__(self) -> None:
-        if self.peft_type is None:
-            self.peft_type = self.peft_type_default
-        if self.peft_type is not None:
-            self.peft_type = _to_enum(PeftType, self.peft_type, "peft_type")
-        if self.peft_type_default is not None and self.peft_type != self.peft_type_default:
-            raise ValueError(
-                f"{type(self).__name__} is for peft_type {self.peft_type_default.value!r}, got {self.peft_type!r}."
-            )
-        if self.task_type is not None:
-            self.task_type = _to_enum(TaskType, self.task_type, "task_type")
         if self.peft_version is None:
             from . import __version__
 
             self.peft_version = __version__
+        self._check_combinations()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        rule = _rules_of(type(self)).get(name)
+        object.__setattr__(self, name, value if rule is None else rule.check(name, value))
+
+    def validate(self) -> None:
+        """Check every field again (values changed in place, e.g. `config.rank_pattern[k] = v`, included) and the
+        checks across fields; raise ValueError naming the first bad one."""
+        for name, rule in _rules_of(type(self)).items():
+            if hasattr(self, name):
+                object.__setattr__(self, name, rule.check(name, getattr(self, name)))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Checks that relate several fields (subclasses add theirs)."""
 
     # Properties that transformers' Trainer and upstream user code read.
     @property
@@ -136,8 +157,40 @@ class PeftConfig:
             warnings.warn(f"Ignoring unknown keys in adapter config {source!r} for {cls.__name__}: {dropped}.")
         try:
             return cls(**known)
-        except TypeError as exc:
-            raise ValueError(f"Invalid adapter config {source!r}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Adapter config {source!r}: {exc}") from None
+
+
+_RULES: dict[type, dict[str, Rule]] = {}
+
+
+def _rules_of(cls: type) -> dict[str, Rule]:
+    """`field_rules` of `cls` and its bases (a subclass's entry wins), plus the rule for `peft_type`."""
+    rules = _RULES.get(cls)
+    if rules is None:
+        rules = {}
+        for klass in reversed(cls.__mro__):
+            rules.update(vars(klass).get("field_rules", {}))
+        rules["peft_type"] = _peft_type_rule(cls)
+        _RULES[cls] = rules
+    return rules
+
+
+def _peft_type_rule(cls: type) -> Rule:
+    """Any PeftType (or None) on the base class; on a method's class its own type, None meaning that type."""
+    default = getattr(cls, "peft_type_default", None)
+    any_type = member_of(PeftType)
+    if default is None:
+        return optional(any_type)
+
+    def convert(value):
+        if value is None:
+            return default
+        if any_type.convert(value) is not default:
+            raise Refused()
+        return default
+
+    return Rule(f"None or {default.value!r} (the peft_type of {cls.__name__})", convert)
 
 
 def _all_config_fields() -> set[str]:

@@ -6,8 +6,9 @@ from torch import nn
 
 from .config import PeftConfig
 from .mixed_model import PeftMixedModel
-from .peft_model import PeftModel, _tuner_class
+from .peft_model import PeftModel, _refuse_peft_model, _tuner_class
 from .peft_model_tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from .utils.adapter_names import check_adapter_name
 
 
 def get_peft_model(
@@ -15,11 +16,11 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
     """Wrap `model` (in place) with a new adapter; the `PeftModelFor*` class follows `peft_config.task_type`."""
+    _refuse_peft_model(model, "add_adapter(adapter_name, peft_config)")
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
     _tuner_class(peft_config)  # an unknown or unimplemented type (e.g. prompt learning) fails before any change
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
+    check_adapter_name(adapter_name)
     model_config = getattr(model, "config", None)
     name_or_path = getattr(model_config, "_name_or_path", None) or getattr(model_config, "name_or_path", None)
     if peft_config.base_model_name_or_path is None and name_or_path:
@@ -38,5 +39,6 @@ def inject_adapter_in_model(
     state_dict: dict | None = None,
 ) -> nn.Module:
     """Insert adapter layers into `model` without a `PeftModel` wrapper (what transformers' integration uses)."""
+    check_adapter_name(adapter_name)
     tuner = _tuner_class(peft_config)(model, peft_config, adapter_name)
     return tuner.model

@@ -11,12 +11,15 @@ from torch import nn
 
 from .config import PeftConfig
 from .registry import PEFT_TYPE_TO_TUNER_MAPPING
+from .tuners.loraga.conversion import adapter_save_form
 from .tuners.prompt_learning import PromptLearningConfig, not_implemented_error
+from .utils.adapter_names import adapter_folder, check_adapter_name
 from .utils.other import ModulesToSaveWrapper
 from .utils.save_and_load import (
     get_peft_model_state_dict,
+    load_adapter_pair,
     load_peft_weights,
-    save_adapter_weights,
+    save_adapter_folder,
     set_peft_model_state_dict,
 )
 from .utils.transformers_weight_conversion import convert_adapter_state_dict
@@ -32,10 +35,12 @@ class PeftModel(nn.Module):
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
         autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
     ) -> None:
+        _refuse_peft_model(model, "add_adapter(adapter_name, peft_config)")
         super().__init__()
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
         tuner_cls = _tuner_class(peft_config)
+        check_adapter_name(adapter_name)
         self._prepare_config(peft_config, model)
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
@@ -115,6 +120,7 @@ class PeftModel(nn.Module):
     # --- adapters -----------------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Inject a further adapter; the active adapter stays what it was."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
         if not isinstance(self.base_model, _tuner_class(peft_config)):
@@ -178,24 +184,23 @@ class PeftModel(nn.Module):
         is_main_process: bool = True, state_dict: Optional[dict] = None, **kwargs,
     ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (non-default adapters in a
-        sub-folder named after them), each file under a temporary name first."""
+        sub-folder named after them, never outside `save_directory`). Each adapter's pair is one save: a reader of
+        this package sees the old pair or the new one (`save_adapter_folder`); other files in the folder stay."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; expected a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapters {unknown}; available adapters: {sorted(self.peft_config)}.")
+        folders = {name: adapter_folder(save_directory, name) for name in names}  # all checked before any write
+        save_form = adapter_save_form(self, names, kwargs)  # upstream's save keywords: tuners/loraga/conversion.py
         if not is_main_process:
             return
         for name in names:
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
             weights, config = self._adapter_state_dict_for_save(name, state_dict), self.peft_config[name]
-            to_save = getattr(self.base_model, "adapter_to_save", None)  # a tuner saving another form (LoRA-GA)
-            if to_save is not None:
-                weights, config = to_save(name, weights, config)
-            save_adapter_weights(weights, folder, safe_serialization=safe_serialization)
-            self._save_config(config, folder)
+            weights, config = save_form(name, weights, config)  # e.g. LoRA-GA's form for the original base
+            save_adapter_folder(folders[name], weights, config, safe_serialization=safe_serialization,
+                                write_config=lambda folder, config=config: self._save_config(config, folder))
 
     def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict]) -> dict:
         return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name)
@@ -218,11 +223,15 @@ class PeftModel(nn.Module):
         **kwargs,
     ) -> "PeftModel":
         """Load a saved adapter onto `model`. On any error the model is left exactly as it was."""
+        _refuse_peft_model(model, f"load_adapter({str(model_id)!r}, adapter_name=...)")
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub)
-        _tuner_class(config)  # an unknown or unimplemented type fails before the weights are read
-        weights = load_peft_weights(model_id, device=kwargs.pop("torch_device", None), **hub)
+        check_adapter_name(adapter_name)
+        device, unpaired = kwargs.pop("torch_device", None), None
+        if config is None:  # config and weights of one save; `unpaired` says when they are not
+            config, weights, unpaired = load_adapter_pair(model_id, device=device, check_config=_tuner_class, **hub)
+        else:
+            _tuner_class(config)  # an unknown or unimplemented type fails before the weights are read
+            weights = load_peft_weights(model_id, device=device, **hub)
         config.inference_mode = not is_trainable
         model_cls = cls
         if cls is PeftModel and config.task_type is not None:
@@ -232,7 +241,8 @@ class PeftModel(nn.Module):
         snapshot = _requires_grad_snapshot(model)
         peft_model = model_cls(model, config, adapter_name)
         try:
-            peft_model._load_weights(weights, adapter_name, is_trainable, kwargs.get("ignore_mismatched_sizes", False))
+            peft_model._load_weights(weights, adapter_name, is_trainable, kwargs.get("ignore_mismatched_sizes", False),
+                                     unpaired=unpaired)
         except Exception:  # put back every wrapped module (modules_to_save originals too), flag and hook
             peft_model.base_model.purge_adapter(model, adapter_name)
             model.__dict__.pop("peft_config", None)
@@ -250,21 +260,20 @@ class PeftModel(nn.Module):
         adapter is not made active; with `is_trainable=True` its weights require grad."""
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)  # skip them with a warning
-        config = PeftConfig.from_pretrained(model_id, **hub)
-        _tuner_class(config)
-        weights = load_peft_weights(model_id, device=torch_device, **hub)
+        check_adapter_name(adapter_name)
+        config, weights, unpaired = load_adapter_pair(model_id, device=torch_device, check_config=_tuner_class, **hub)
         config.inference_mode = not is_trainable
         if adapter_name in self.peft_config:
             from_saved = getattr(self.base_model, "adapter_from_saved", None)  # undoes adapter_to_save (LoRA-GA)
             weights, commit = from_saved(adapter_name, weights, config) if from_saved else (weights, None)
-            result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes)
+            result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes, unpaired)
             if commit is not None:
                 commit()
             return result
         snapshot = _requires_grad_snapshot(self)
         self.add_adapter(adapter_name, config)
         try:
-            result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes)
+            result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes, unpaired)
             if is_trainable:
                 self.set_requires_grad(adapter_name)
             return result
@@ -272,16 +281,27 @@ class PeftModel(nn.Module):
             self._remove_adapter_quietly(adapter_name, snapshot)
             raise
 
-    def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool, ignore_mismatched_sizes=False):
+    def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool, ignore_mismatched_sizes=False,
+                      unpaired: Optional[str] = None):
         weights = convert_adapter_state_dict(self.get_base_model(), weights)  # transformers v5 renamed modules
         result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
-                                           ignore_mismatched_sizes=ignore_mismatched_sizes)
+                                           ignore_mismatched_sizes=ignore_mismatched_sizes, unpaired=unpaired)
         if not is_trainable:
             for name, param in self.named_parameters():
                 if f".{adapter_name}." in name + "." and ("lora_" in name or "modules_to_save" in name):
                     param.requires_grad_(False)
             self.eval()
         return result
+
+
+def _refuse_peft_model(model: nn.Module, instead: str) -> None:
+    """Wrapping a PeftModel (or PeftMixedModel) again would nest tuners and fail half-way: say what to call."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            f"The model is already a {type(model).__name__} (adapters {sorted(model.peft_config)}), so it cannot be "
+            f"wrapped again: to add an adapter to it, call model.{instead} with a new adapter name; to start over "
+            "from the base model without adapters, pass model.unload(). The model is unchanged."
+        )
 
 
 def _tuner_class(config: PeftConfig):

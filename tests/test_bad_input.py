@@ -337,3 +337,179 @@ def test_ignore_mismatched_sizes_skips_those_tensors_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="Skipped tensors of another shape"):
         model.load_adapter(tmp_path / "ad", "other", ignore_mismatched_sizes=True)
     assert model.get_base_model().lin1.r == {"default": 3, "other": 3}
+
+
+# --- config fields of the wrong kind: one table, three ways in ------------------------------------------------------
+# (config class, field, bad value, fragment of the error). Every value is JSON-able (inf/nan as Infinity/NaN), so the
+# same case runs through the constructor, through adapter_config.json, and as an assignment after construction.
+_INF, _NAN = float("inf"), float("nan")
+BAD_FIELDS = [
+    ("LoraConfig", "r", _INF, "r=inf"),
+    ("LoraConfig", "r", "8", "r='8'"),
+    ("LoraConfig", "lora_alpha", _INF, "lora_alpha=inf"),
+    ("LoraConfig", "lora_alpha", _NAN, "lora_alpha=nan"),
+    ("LoraConfig", "lora_alpha", True, "lora_alpha=True"),
+    ("LoraConfig", "lora_dropout", "0.1", "lora_dropout='0.1'"),
+    ("LoraConfig", "lora_dropout", _NAN, "lora_dropout=nan"),
+    ("LoraConfig", "rank_pattern", {"lin1": _INF}, r"rank_pattern\['lin1'\]=inf"),
+    ("LoraConfig", "rank_pattern", {"lin1": 2.5}, r"rank_pattern\['lin1'\]=2.5"),
+    ("LoraConfig", "rank_pattern", {"(lin1": 2}, r"rank_pattern=\{'\(lin1': 2\}.*regular expression"),
+    ("LoraConfig", "alpha_pattern", {"lin1": _INF}, r"alpha_pattern\['lin1'\]=inf"),
+    ("LoraConfig", "alpha_pattern", {"lin1[": 4}, r"alpha_pattern=\{'lin1\[': 4\}.*regular expression"),
+    ("LoraConfig", "target_modules", 123, "target_modules=123"),
+    ("LoraConfig", "target_modules", [1, 2], r"target_modules=\[1, 2\]"),
+    ("LoraConfig", "target_modules", "(lin1", r"target_modules='\(lin1'.*regular expression"),
+    ("LoraConfig", "exclude_modules", 123, "exclude_modules=123"),
+    ("LoraConfig", "exclude_modules", "lin1[", r"exclude_modules='lin1\['.*regular expression"),
+    ("LoraConfig", "modules_to_save", 123, "modules_to_save=123"),
+    ("LoraConfig", "modules_to_save", "lin2", "modules_to_save='lin2'"),
+    ("LoraConfig", "layers_to_transform", "0", "layers_to_transform='0'"),
+    ("LoraConfig", "layers_to_transform", [0.5], r"layers_to_transform=\[0.5\]"),
+    ("LoraConfig", "layers_pattern", 123, "layers_pattern=123"),
+    ("LoraConfig", "use_rslora", "false", "use_rslora='false'"),
+    ("LoraConfig", "fan_in_fan_out", "false", "fan_in_fan_out='false'"),
+    ("LoraConfig", "init_lora_weights", 1, "init_lora_weights=1"),
+    ("LoraConfig", "bias", None, "bias=None"),
+    ("LoraConfig", "lora_ga_config", 123, "lora_ga_config=123"),
+    ("LoraConfig", "trainable_token_indices", "5", "trainable_token_indices='5'"),
+    ("LoraConfig", "inference_mode", "false", "inference_mode='false'"),
+    ("LoraConfig", "task_type", 123, "task_type=123"),
+    ("LoraConfig", "base_model_name_or_path", 123, "base_model_name_or_path=123"),
+    ("LoraConfig", "revision", 123, "revision=123"),
+    ("LoraConfig", "peft_version", 1.0, "peft_version=1.0"),
+    ("LoraConfig", "auto_mapping", "AutoModel", "auto_mapping='AutoModel'"),
+    ("LoraGAConfig", "stable_gamma", _INF, "stable_gamma=inf"),
+    ("LoraGAConfig", "stable_gamma", _NAN, "stable_gamma=nan"),
+    ("LoraGAConfig", "bsz", "2", "bsz='2'"),
+    ("LoraGAConfig", "direction", 123, "direction=123"),
+    ("LoraProConfig", "damping", _INF, "damping=inf"),
+    ("LoraProConfig", "damping", "1e-8", "damping='1e-8'"),
+    ("LoraProConfig", "mode", None, "mode=None"),
+]
+_IDS = [f"{cls}.{name}={value!r}" for cls, name, value, _ in BAD_FIELDS]
+_GOOD = dict(r=2, target_modules=["lin1", "conv"], modules_to_save=["lin2"])
+
+
+def _config_cls(name: str):
+    import peft
+
+    return getattr(peft, name)
+
+
+def _good_kwargs(field: str) -> dict:
+    kwargs = dict(_GOOD)
+    if field == "layers_pattern":  # layers_pattern needs layers_to_transform beside it
+        kwargs["layers_to_transform"] = [0]
+    return kwargs
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "match"), BAD_FIELDS, ids=_IDS)
+def test_bad_field_in_constructor(cls, field, value, match):
+    with pytest.raises(ValueError, match=f"Invalid {match}") as info:
+        _config_cls(cls)(**{**_good_kwargs(field), field: value})
+    assert ": expected " in str(info.value)
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "match"), BAD_FIELDS, ids=_IDS)
+def test_bad_field_in_adapter_config_json(tmp_path, cls, field, value, match):
+    """The same values in adapter_config.json: refused by PeftConfig.from_pretrained and PeftModel.from_pretrained
+    (the file is named), before the model is touched."""
+    _saved_adapter(tmp_path, **_GOOD)
+    data = _config_cls(cls)(**_good_kwargs(field)).to_dict()
+    data[field] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"adapter_config.json.*Invalid {match}"):
+        PeftConfig.from_pretrained(tmp_path)
+    model = SPEC.build()
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=f"Invalid {match}"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert_same_snapshot(before, module_snapshot(model))
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "match"), BAD_FIELDS, ids=_IDS)
+def test_bad_field_assigned_after_construction(cls, field, value, match):
+    """`config.<field> = value` is checked at once (TRL assigns trainable_token_indices, users set `config.r`);
+    the config keeps its old value and still builds a model."""
+    config = _config_cls(cls)(**_good_kwargs(field))
+    old = config.to_dict()
+    with pytest.raises(ValueError, match=f"Invalid {match}"):
+        setattr(config, field, value)
+    assert config.to_dict() == old
+    if cls == "LoraConfig" and field != "layers_pattern":  # (the tiny net has no numbered blocks)
+        get_peft_model(SPEC.build(), config)
+
+
+def test_good_assignments_after_construction_are_used():
+    config = LoraConfig(r=2, target_modules=["lin1"])
+    config.r = 4
+    config.target_modules = ("lin1", "conv")
+    config.lora_alpha = 8.0
+    config.trainable_token_indices = {"emb": (1, 2)}
+    assert config.target_modules == {"lin1", "conv"} and config.trainable_token_indices == {"emb": [1, 2]}
+    model = get_peft_model(SPEC.build(), config)
+    assert model.get_base_model().conv.r["default"] == 4
+
+
+def test_bools_from_json_stay_bools(tmp_path):
+    _saved_adapter(tmp_path, use_rslora=True)
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert config.use_rslora is True and config.fan_in_fan_out is False and config.inference_mode is True
+
+
+# --- a rank too large to allocate -----------------------------------------------------------------------------------
+def test_rank_too_large_to_allocate_is_refused_before_allocating(tmp_path):
+    r = 2**40
+    model = SPEC.build()
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=rf"r={r}.*bytes"):
+        get_peft_model(model, LoraConfig(r=r, target_modules=["lin1"]))
+    assert_same_snapshot(before, module_snapshot(model))
+    with pytest.raises(ValueError, match=rf"r={r}.*bytes"):
+        get_peft_model(model, LoraConfig(target_modules=["lin1"], rank_pattern={"lin1": r}))
+    assert_same_snapshot(before, module_snapshot(model))
+    _saved_adapter(tmp_path / "ad")
+    _edit_config(tmp_path / "ad", r=r)
+    config = PeftConfig.from_pretrained(tmp_path / "ad")  # a valid config: the size depends on the layer
+    with pytest.raises(ValueError, match=rf"r={r}.*bytes"):
+        PeftModel.from_pretrained(model, tmp_path / "ad", config=config)
+    assert_same_snapshot(before, module_snapshot(model))
+
+
+def test_rank_size_check_counts_both_factors(monkeypatch):
+    """lin1 is Linear(96, 16): A and B of rank 2 hold 2 * (96 + 16) fp32 values = 896 bytes; conv (8 -> 6, 3x3)
+    holds 2 * (8 * 9 + 6) = 156 values."""
+    import peft.tuners.lora.layer as lora_layer
+
+    monkeypatch.setattr(lora_layer, "available_memory_bytes", lambda: 895)
+    with pytest.raises(ValueError, match=r"r=2 for adapter 'default' on Linear\(in_features=96.*896 bytes.*895 bytes"):
+        get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["lin1"]))
+    monkeypatch.setattr(lora_layer, "available_memory_bytes", lambda: 896)
+    get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["lin1"]))
+    monkeypatch.setattr(lora_layer, "available_memory_bytes", lambda: 4 * 156 - 1)
+    with pytest.raises(ValueError, match=r"r=2 .*on Conv2d.*624 bytes"):
+        get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["conv"]))
+
+
+# --- a model that already is a PeftModel ----------------------------------------------------------------------------
+def test_from_pretrained_on_a_peft_model_says_to_use_load_adapter(adapter_dir):
+    peft_model = get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["lin1"]))
+    before = module_snapshot(peft_model)
+    with pytest.raises(ValueError, match=r"already a PeftModel.*load_adapter\("):
+        PeftModel.from_pretrained(peft_model, adapter_dir)
+    assert_same_snapshot(before, module_snapshot(peft_model))
+    assert list(peft_model.peft_config) == ["default"]
+    peft_model.load_adapter(adapter_dir, adapter_name="loaded")  # what the message says works
+    assert set(peft_model.peft_config) == {"default", "loaded"}
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_get_peft_model_on_a_peft_model_says_to_use_add_adapter(mixed):
+    peft_model = get_peft_model(SPEC.build(), LoraConfig(r=2, target_modules=["lin1"]))
+    before = module_snapshot(peft_model)
+    with pytest.raises(ValueError, match=r"already a PeftModel.*add_adapter\("):
+        get_peft_model(peft_model, LoraConfig(r=2, target_modules=["conv"]), mixed=mixed)
+    with pytest.raises(ValueError, match=r"already a PeftModel.*add_adapter\("):
+        PeftModel(peft_model, LoraConfig(r=2, target_modules=["conv"]))
+    assert_same_snapshot(before, module_snapshot(peft_model))
+    assert list(peft_model.peft_config) == ["default"]

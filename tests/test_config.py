@@ -308,3 +308,60 @@ emit(out)
             loaded = PeftConfig.from_pretrained(tmp_path / "upstream" / name)
         assert type(loaded) is type(config)
         assert {**loaded.to_dict(), "peft_version": None} == {**config.to_dict(), "peft_version": None}
+
+
+# --- one table of field rules ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls_name", ["PeftConfig", "LoraConfig", "LoraGAConfig", "LoraProConfig"])
+def test_every_field_of_the_lora_family_has_a_rule(cls_name):
+    import dataclasses
+
+    from peft.config import _rules_of
+
+    cls = getattr(peft, cls_name)
+    assert {f.name for f in dataclasses.fields(cls)} == set(_rules_of(cls))
+
+
+def test_accepted_values_are_stored_in_their_json_form(tmp_path):
+    import numpy as np
+
+    config = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8.5), target_modules=("q", "v"), layers_to_transform=(0,),
+                        modules_to_save=("head",), base_model_name_or_path=tmp_path, rank_pattern=None)
+    assert type(config.r) is int and type(config.lora_alpha) is float and config.target_modules == {"q", "v"}
+    assert config.layers_to_transform == [0] and config.modules_to_save == ["head"]
+    assert config.base_model_name_or_path == str(tmp_path) and config.rank_pattern is None
+    config.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+def test_copies_and_pickles_keep_the_values():
+    import copy
+    import dataclasses
+    import pickle
+
+    config = LoraConfig(r=4, target_modules=["q"], rank_pattern={"q": 2}, trainable_token_indices=[1])
+    for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config)), dataclasses.replace(config)):
+        assert clone.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="Invalid r=0"):
+        dataclasses.replace(config, r=0)
+
+
+def test_validate_rechecks_values_changed_in_place_and_across_fields():
+    config = LoraConfig(target_modules=["q"], rank_pattern={"q": 2})
+    config.validate()
+    config.rank_pattern["k"] = 0  # no assignment of the field: only validate() sees it
+    with pytest.raises(ValueError, match=r"rank_pattern\['k'\]=0"):
+        config.validate()
+    config = LoraConfig(target_modules=".*q")
+    config.layers_to_transform = [0]  # each field is fine alone; together they are not
+    with pytest.raises(ValueError, match="target_modules='.*q'.*layers_to_transform"):
+        config.validate()
+
+
+def test_shared_fields_are_checked_for_prompt_learning_configs_too():
+    from peft import PrefixTuningConfig
+
+    with pytest.raises(ValueError, match="Invalid inference_mode='false'"):
+        PrefixTuningConfig(inference_mode="false")
+    config = PrefixTuningConfig()
+    with pytest.raises(ValueError, match="Invalid peft_type='LORA'.*PREFIX_TUNING"):
+        config.peft_type = "LORA"

@@ -1,45 +1,91 @@
-"""Find LoRA-Pro (A, B) pairs from the tuner layers that own them, never from names or parameter order."""
+"""Find LoRA-Pro (A, B) pairs from the LoRA tuner layers that own them, never from names or parameter order.
+
+Any `LoraLayer` works: the layers of a `LoraProConfig` model (LoRA-Pro layers, which carry their adapter's
+`LoraProOptions`) and those of a plain `LoraConfig` model (their options are `LoraProOptions()`, `LoraProConfig`'s
+defaults, unless the optimizer is given others)."""
 
 from __future__ import annotations
 
+import gc
+import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from ..tuners.lora.layer import LoraLayer
-from ..tuners.lorapro.layer import LoraProLayer, LoraProOptions, live_lorapro_layers
+from ..tuners.lora.layer import LoraLayer, live_lora_layers
+from ..tuners.lorapro import math as lp
+from ..tuners.lorapro.layer import (
+    LoraProLayer,
+    LoraProOptions,
+    check_lorapro_rank,
+    lora_adapter_names,
+    lora_adjusted_gradients,
+    lora_dropout_p,
+    lora_factors,
+    lora_matrices,
+)
+from ..tuners.tuners_utils import BaseTuner
+
+_DEFAULT_OPTIONS = LoraProOptions()
 
 
 @dataclass(frozen=True)
 class LoraProPair:
-    """One adapter of one LoRA-Pro layer: its factors A, B (parameters as stored) and the layer that owns them."""
+    """One adapter of one LoRA layer: its factors A, B (parameters as stored), the layer that owns them and, when the
+    pairs were found from a model, the layer's module name."""
 
-    layer: LoraProLayer
+    layer: LoraLayer
     adapter_name: str
     A: nn.Parameter
     B: nn.Parameter
+    name: str = ""
 
     @property
     def options(self) -> LoraProOptions:
-        return self.layer.lorapro_options[self.adapter_name]
+        """The layer's LoRA-Pro options for this adapter; `LoraProConfig`'s defaults on a plain LoRA layer."""
+        if isinstance(self.layer, LoraProLayer) and self.adapter_name in self.layer.lorapro_options:
+            return self.layer.lorapro_options[self.adapter_name]
+        return _DEFAULT_OPTIONS
 
     @property
     def scaling(self) -> float:
-        return self.layer.lorapro_scaling(self.adapter_name)
+        """s of this adapter, read from the layer: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
+        return float(self.layer.scaling[self.adapter_name])
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, n), B (m, r)) views of the factors."""
+        return lora_matrices(self.layer, self.adapter_name)
+
+    def adjusted_gradients(self, grad_A: torch.Tensor, grad_B: torch.Tensor, x_mode: str, damping: float,
+                           grams: Optional[lp.Grams] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA-Pro's `(gA', gB')` (paper eq. 8), shaped like the factors."""
+        return lora_adjusted_gradients(self.layer, self.adapter_name, grad_A, grad_B, x_mode, damping, grams)
+
+    def describe(self) -> str:
+        """How error messages name this pair: its module name (found from the model, or, for pairs found from
+        parameters, looked up in the live tuners: an error path, not a hot one), else the layer's type and shape."""
+        name = self.name or _module_name(self.layer)
+        if name:
+            return f"layer {name!r} (adapter {self.adapter_name!r})"
+        A, B = self.matrices()
+        return (f"a {type(self.layer).__name__} layer with update shape {tuple(B.shape[:1]) + tuple(A.shape[1:])} "
+                f"(adapter {self.adapter_name!r})")
 
 
-def _adapters(layer: LoraProLayer) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-    """(adapter name, A, B) for every LoRA-Pro adapter still present on `layer`, frozen or not."""
-    out = []
-    for name in layer.lorapro_options:
-        try:
-            A, B = layer.lorapro_factors(name)
-        except KeyError:  # adapter deleted since
-            continue
-        out.append((name, A, B))
-    return out
+def _module_name(layer: nn.Module) -> str:
+    """`layer`'s name in the model of a live tuner (e.g. "model.layers.0.self_attn.q_proj"), "" if none holds it."""
+    for tuner in (obj for obj in gc.get_objects() if issubclass(type(obj), BaseTuner)):
+        for name, module in tuner.model.named_modules():
+            if module is layer:
+                return name
+    return ""
+
+
+def _adapters(layer: LoraLayer) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(adapter name, A, B) for every adapter present on `layer`, frozen or not."""
+    return [(name, *lora_factors(layer, name)) for name in lora_adapter_names(layer)]
 
 
 def _frozen_partner_error(adapter_name: str, where: str, A: torch.Tensor) -> ValueError:
@@ -50,34 +96,33 @@ def _frozen_partner_error(adapter_name: str, where: str, A: torch.Tensor) -> Val
     )
 
 
-def _layer_pairs(layer: LoraProLayer, where: str) -> list[LoraProPair]:
+def _layer_pairs(layer: LoraLayer, where: str, name: str) -> list[LoraProPair]:
     pairs = []
-    for name, A, B in _adapters(layer):
+    for adapter, A, B in _adapters(layer):
         if A.requires_grad != B.requires_grad:
-            raise _frozen_partner_error(name, where, A)
+            raise _frozen_partner_error(adapter, where, A)
         if A.requires_grad:
-            pairs.append(LoraProPair(layer, name, A, B))
+            check_lorapro_rank(layer, adapter, where)
+            pairs.append(LoraProPair(layer, adapter, A, B, name))
     return pairs
 
 
 def lorapro_pairs(model: nn.Module) -> list[LoraProPair]:
-    """Every trainable (A, B) pair of the LoRA-Pro layers of `model`, in module order.
+    """Every trainable (A, B) pair of the LoRA layers (LoRA-Pro or plain LoRA) of `model`, in module order.
 
-    Raises ValueError when `model` has no LoRA-Pro layer, when one factor of a pair is frozen and the other is not,
-    or when no pair is trainable."""
+    Raises ValueError when `model` has no LoRA layer, when one factor of a pair is frozen and the other is not,
+    when r exceeds a dimension of an adapted layer, or when no pair is trainable."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"Expected the model (an nn.Module) whose LoRA-Pro layers to train, got {type(model)!r}.")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraProLayer)]
+        raise ValueError(f"Expected the model (an nn.Module) whose LoRA layers to train, got {type(model)!r}.")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if not layers:
-        plain = any(isinstance(m, LoraLayer) for m in model.modules())
-        hint = " It has plain LoRA layers: build it with LoraProConfig instead of LoraConfig." if plain else ""
         raise ValueError(
-            f"{type(model).__name__} has no LoRA-Pro layers; wrap it with get_peft_model(model, LoraProConfig(...))."
-            + hint
+            f"{type(model).__name__} has no LoRA layers; wrap it with get_peft_model(model, LoraProConfig(...)) "
+            "(or LoraConfig(...))."
         )
-    pairs = [p for name, layer in layers for p in _layer_pairs(layer, name or "the model")]
+    pairs = [p for name, layer in layers for p in _layer_pairs(layer, name or "the model", name)]
     if not pairs:
-        raise ValueError(f"{type(model).__name__} has LoRA-Pro layers but none of their A/B factors is trainable.")
+        raise ValueError(f"{type(model).__name__} has LoRA layers but none of their A/B factors is trainable.")
     return _dedupe(pairs)
 
 
@@ -92,26 +137,26 @@ def _dedupe(pairs: list[LoraProPair]) -> list[LoraProPair]:
 
 
 def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
-    """The pairs formed by `params` (trainable ones only), found through the live LoRA-Pro layers that own them.
+    """The pairs formed by `params` (trainable ones only), found through the live LoRA layers that own them.
 
-    Only the layers owning one of `params` are looked at (other models in the process do not matter). Raises
-    ValueError for a parameter that no LoRA-Pro layer owns, or whose partner factor is frozen or not in `params`."""
+    Raises ValueError for a parameter that no LoRA layer owns, or whose partner factor is frozen or not in
+    `params`."""
     params = list(params)
     for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor):  # e.g. a param-group dict: its tensors would be silently left out
             raise ValueError(f"Parameter #{index} is a {type(param).__name__}, expected a tensor (AdamWLoRAPro takes "
-                             "the LoRA-Pro A/B parameters themselves, not parameter groups).")
+                             "the LoRA A/B parameters themselves, not parameter groups).")
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("AdamWLoRAPro got no trainable parameters.")
-    owner = _owners()
+    owner = _owners(params)
     given = {id(p) for p in params}
     pairs, seen = [], set()
     for index, param in enumerate(params):
         if id(param) not in owner:
             raise ValueError(
-                f"Parameter #{index} (shape {tuple(param.shape)}) is not a factor of any LoRA-Pro layer, so it cannot "
-                "be paired; AdamWLoRAPro takes LoRA-Pro A/B factors only (use LoraProAdamW(model) to also train "
+                f"Parameter #{index} (shape {tuple(param.shape)}) is not a factor of any LoRA layer, so it cannot "
+                "be paired; AdamWLoRAPro takes LoRA A/B factors only (use LoraProAdamW(model) to also train "
                 "other parameters)."
             )
         pair, role = owner[id(param)]
@@ -120,33 +165,41 @@ def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
             raise _frozen_partner_error(pair.adapter_name, type(pair.layer).__name__, pair.A)
         if id(partner) not in given:
             raise ValueError(
-                f"Parameter #{index} is the {role} factor of LoRA-Pro adapter {pair.adapter_name!r} but its partner "
+                f"Parameter #{index} is the {role} factor of LoRA adapter {pair.adapter_name!r} but its partner "
                 f"{'B' if role == 'A' else 'A'} is not among the parameters; pass both."
             )
         if id(pair.A) not in seen:
+            check_lorapro_rank(pair.layer, pair.adapter_name)
             seen.add(id(pair.A))
             pairs.append(pair)
     return pairs
 
 
-def _owners() -> dict[int, tuple[LoraProPair, str]]:
-    """id of every A and B factor of the live LoRA-Pro layers -> (its pair, "A" or "B")."""
+def _owners(params: list[torch.Tensor]) -> dict[int, tuple[LoraProPair, str]]:
+    """id of every A and B factor of the live LoRA layers -> (its pair, "A" or "B").
+
+    Every LoRA layer (LoRA-Pro's included) is registered, weakly, when made (`live_lora_layers`)."""
     owner: dict[int, tuple[LoraProPair, str]] = {}
-    for layer in live_lorapro_layers():
-        for name, A, B in _adapters(layer):
-            pair = LoraProPair(layer, name, A, B)
-            owner[id(A)], owner[id(B)] = (pair, "A"), (pair, "B")
+
+    def add(layers: Iterable[LoraLayer]) -> None:
+        for layer in layers:
+            for name, A, B in _adapters(layer):
+                pair = LoraProPair(layer, name, A, B)
+                owner.setdefault(id(A), (pair, "A"))
+                owner.setdefault(id(B), (pair, "B"))
+
+    add(live_lora_layers())
     return owner
 
 
 def pairs_in_groups(groups: list[dict]) -> list[LoraProPair]:
     """The pairs among the trainable parameters of an optimizer's param groups (e.g. the decay / no-decay groups
-    transformers' Trainer passes to an `optimizer_cls_and_kwargs` class), found through the live LoRA-Pro layers that
-    own them. Parameters that are no LoRA-Pro factor are not paired (the optimizer steps them as plain AdamW).
+    transformers' Trainer passes to an `optimizer_cls_and_kwargs` class), found through the live LoRA layers that
+    own them. Parameters that are no LoRA factor are not paired (the optimizer steps them as plain AdamW).
 
     Raises ValueError when a trainable factor's partner is frozen, absent from the groups or in another group (A
     and B step together, with one group's hyperparameters), or when no factor is found at all."""
-    owner = _owners()
+    owner = _owners([p for group in groups for p in group["params"] if p.requires_grad])
     group_of = {id(p): index for index, group in enumerate(groups) for p in group["params"]}
     pairs, seen = [], set()
     for index, group in enumerate(groups):
@@ -159,14 +212,29 @@ def pairs_in_groups(groups: list[dict]) -> list[LoraProPair]:
                 raise _frozen_partner_error(pair.adapter_name, type(pair.layer).__name__, pair.A)
             if group_of.get(id(partner)) != index:
                 where = "is not among the parameters" if id(partner) not in group_of else "is in another param group"
-                raise ValueError(f"The {role} factor of LoRA-Pro adapter {pair.adapter_name!r} is in param group "
+                raise ValueError(f"The {role} factor of LoRA adapter {pair.adapter_name!r} is in param group "
                                  f"#{index} but its partner {other} {where}; LoRA-Pro steps A and B together, so give "
                                  "both to the same group.")
             if id(pair.A) not in seen:
+                check_lorapro_rank(pair.layer, pair.adapter_name)
                 seen.add(id(pair.A))
                 pairs.append(pair)
     if not pairs:
-        raise ValueError("LoraProAdamW got no LoRA-Pro factor among its parameters: build the model with "
-                         "get_peft_model(model, LoraProConfig(...)) and give the optimizer its trainable parameters "
-                         "(or the model itself).")
+        raise ValueError("LoraProAdamW got no LoRA factor among its parameters: build the model with "
+                         "get_peft_model(model, LoraProConfig(...)) or LoraConfig(...) and give the optimizer its "
+                         "trainable parameters (or the model itself).")
     return pairs
+
+
+def warn_if_dropout(pairs: list[LoraProPair], stacklevel: int = 2) -> None:
+    """One warning (not one per layer) when any pair's layer applies dropout to its adapter's input: LoRA-Pro then
+    projects the gradient of the dropped-out inputs (docs/lorapro.md, "LoRA dropout"). `stacklevel`: of the
+    user's call, counted from the caller of this function."""
+    ps = sorted({p for p in (lora_dropout_p(pair.layer, pair.adapter_name) for pair in pairs) if p > 0})
+    if ps:
+        count = sum(lora_dropout_p(pair.layer, pair.adapter_name) > 0 for pair in pairs)
+        warnings.warn(
+            f"{count} of the {len(pairs)} LoRA layers trained with LoRA-Pro have lora_dropout > 0 (p = "
+            f"{', '.join(f'{p:g}' for p in ps)}): their A/B gradients are those of a dropped-out input, so LoRA-Pro "
+            "projects a perturbed full gradient, not dL/dW (see docs/lorapro.md, 'LoRA dropout'). Set lora_dropout=0 "
+            "for the paper's setting.", UserWarning, stacklevel=stacklevel + 1)

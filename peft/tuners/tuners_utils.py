@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from ..utils.adapter_names import check_adapter_name
 from ..utils.constants import TASK_TYPE_TO_HEAD_MODULES
 from ..utils.other import ModulesToSaveWrapper, get_submodules
 from ..utils.transformers_weight_conversion import legacy_module_names
@@ -122,6 +123,8 @@ class BaseTuner(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", low_cpu_mem_usage: bool = False):
         super().__init__()
+        for name in peft_config if isinstance(peft_config, dict) else [adapter_name]:
+            check_adapter_name(name)
         self.model = model
         if not hasattr(self, "peft_config"):
             self.peft_config = {}
@@ -197,6 +200,8 @@ class BaseTuner(nn.Module):
 
     def _inject(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
+        if hasattr(config, "validate"):  # containers edited in place (config.rank_pattern[k] = v) skip __setattr__
+            config.validate()
         self._check_new_adapter_config(config)
         model_config = _model_config_dict(model)
         config = self._prepare_adapter_config(config, model_config)

@@ -19,9 +19,12 @@ does not load (a clear error from `set_peft_model_state_dict`, model unchanged).
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Optional
 
 from torch import nn
+
+from .adapter_names import check_adapter_name
 
 _WEIGHT_SUFFIX = ".weight"
 
@@ -42,8 +45,7 @@ def build_peft_weight_mapping(
     factors (see the module docstring)."""
     from transformers.core_model_loading import WeightRenaming
 
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    check_adapter_name(adapter_name)
     mapping = [WeightRenaming(r"^base_model\.model\.", "")]
     for prefix in _tuner_prefixes(peft_config):
         # `(lora_A)` followed by `.weight` or the end of the key: `lora_A.weight` -> `lora_A.<adapter>.weight`
@@ -55,6 +57,8 @@ def build_peft_weight_mapping(
 
 def _conversions(model: nn.Module) -> list:
     """transformers' load-time conversions for `model` (empty for a model it has none for, or transformers < 5)."""
+    if "transformers" not in sys.modules:  # then `model` is no transformers model: don't pay for the import
+        return []
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft import LoraConfig, LoraProConfig, get_peft_model
+from peft import LoraProConfig, get_peft_model
 from peft.optimizers import AdamWLoRAPro, LoraProAdamW, register_lorapro_adjustment, seed_cosine_scale
 from peft.tuners.lorapro import math as lp
 
@@ -310,11 +310,11 @@ def test_adamw_lorapro_seed_api():
 
 
 def test_bad_input_errors():
-    plain = get_peft_model(Net(), LoraConfig(r=2, target_modules=["fc1"]))
-    with pytest.raises(ValueError, match="no LoRA-Pro layers.*LoraProConfig"):
-        LoraProAdamW(plain)
-    with pytest.raises(ValueError, match="no LoRA-Pro layers"):
-        register_lorapro_adjustment(torch.optim.SGD(plain.parameters(), lr=0.1), plain)
+    bare = Net()  # a plain LoRA model is fine (tests/optimizers/test_lorapro_plain_lora.py); no LoRA at all is not
+    with pytest.raises(ValueError, match="no LoRA layers.*LoraProConfig"):
+        LoraProAdamW(bare)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        register_lorapro_adjustment(torch.optim.SGD(bare.parameters(), lr=0.1), bare)
     with pytest.raises(ValueError, match="r <= min"):
         get_peft_model(Net(), LoraProConfig(r=5, target_modules=["fc2"]))  # fc2 is 4 x 5
     model = _model()

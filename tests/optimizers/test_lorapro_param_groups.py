@@ -63,7 +63,7 @@ def test_bad_groups_are_clear_errors():
         LoraProAdamW([{"params": A}, {"params": B + _named(model, "fc2.lora")}])
     with pytest.raises(ValueError, match="partner B is not among the parameters"):
         LoraProAdamW(A + _named(model, "fc2.lora"))
-    with pytest.raises(ValueError, match="no LoRA-Pro factor among its parameters"):
+    with pytest.raises(ValueError, match="no LoRA factor among its parameters"):
         LoraProAdamW(_named(model, "head"))
     with pytest.raises(ValueError, match="Invalid weight_decay"):
         LoraProAdamW([{"params": A + B, "weight_decay": -1.0}])

@@ -106,7 +106,8 @@ def test_saved_files(tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        metadata = f.metadata()
+        assert metadata["format"] == "pt" and set(metadata) == {"format", "peft_config_sha256"}
         assert set(f.keys()) == set(get_peft_model_state_dict(model))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["inference_mode"] is True and config["base_model_name_or_path"] == "tiny/custom"
@@ -130,7 +131,7 @@ def test_safetensors_preferred_over_bin(tmp_path):
     first, second = _custom(), _custom()
     randomize_adapter(second, seed=5)
     first.save_pretrained(tmp_path)
-    second.save_pretrained(tmp_path, safe_serialization=False)
+    torch.save(get_peft_model_state_dict(second), tmp_path / "adapter_model.bin")  # a save removes it, so by hand
     loaded = load_peft_weights(tmp_path)
     expected = get_peft_model_state_dict(first)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
@@ -157,3 +158,27 @@ def test_from_pretrained_trainable_round_trip_keeps_training_flags(tmp_path):
     loaded = PeftModel.from_pretrained(SPEC.build(), tmp_path, is_trainable=True)
     assert trainable_names(loaded) == trainable_names(model)
     assert loaded.peft_config["default"].inference_mode is False
+
+
+def test_same_adapter_saved_in_two_processes_gives_the_same_bytes(tmp_path):
+    """safetensors writes metadata keys in hash-map order (random per process); the save sorts them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from peft.utils.save_and_load import save_adapter_weights\n"
+        "tensors = {'m.lora_A.weight': torch.arange(6.0).reshape(2, 3), 'm.lora_B.weight': torch.ones(3, 2)}\n"
+        "save_adapter_weights(tensors, sys.argv[1], config_record='0123abcd')\n"
+    )
+    outputs = []
+    for i in range(6):  # key order is random per process: 6 equal saves by chance has probability 1/32
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        subprocess.run([sys.executable, "-c", script, str(folder)], check=True)
+        outputs.append((folder / "adapter_model.safetensors").read_bytes())
+    assert all(o == outputs[0] for o in outputs)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0" / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "peft_config_sha256": "0123abcd"}

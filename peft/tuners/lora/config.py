@@ -1,4 +1,4 @@
-"""`LoraConfig`: the fields of a LoRA adapter (upstream's names and JSON form)."""
+"""`LoraConfig`: the fields of a LoRA adapter (upstream's names and JSON form) and what each accepts."""
 
 from __future__ import annotations
 
@@ -7,10 +7,88 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
 from ...config import PeftConfig
+from ...utils.config_validation import (
+    Refused,
+    Rule,
+    boolean,
+    either,
+    integer,
+    number,
+    one_of,
+    optional,
+    pattern_dict,
+    regex,
+    sequence_of,
+    text,
+)
 from ...utils.peft_types import PeftType
 
 _BIAS = ("none", "all", "lora_only")
 _INITS = (True, False, "gaussian")
+_LORA_GA_OPTIONS = ("direction", "scale", "stable_gamma", "dtype")
+
+
+_TOKEN_IDS = "a non-empty list of distinct non-negative int token ids"
+
+
+def check_trainable_token_indices(value) -> None:
+    """Validate `trainable_token_indices`: None, a list of token ids, or a dict from module name to such a list.
+
+    Called by `LoraConfig` and again when the adapter is injected (TRL assigns the field after construction).
+    """
+    if value is None:
+        return
+    expected = f"{_TOKEN_IDS}, or a dict from embedding module name to {_TOKEN_IDS}"
+    if isinstance(value, dict):
+        _check(len(value) > 0, "trainable_token_indices", value, expected)
+        for name, ids in value.items():
+            _check(isinstance(name, str) and name != "", "trainable_token_indices", value,
+                   f"{expected} (module names are non-empty strings, got {name!r})")
+            _check(_token_id_list(ids), f"trainable_token_indices[{name!r}]", ids, _TOKEN_IDS)
+    else:
+        _check(_token_id_list(value), "trainable_token_indices", value, expected)
+
+
+def _token_id_list(ids) -> bool:
+    if not isinstance(ids, (list, tuple)) or not ids:
+        return False
+    ints = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids)
+    return ints and len(set(ids)) == len(ids)
+
+
+def normalized_token_indices(value):
+    """The same indices as plain Python lists of ints (tuples and numpy ints become JSON-able)."""
+    if isinstance(value, dict):
+        return {name: [int(i) for i in ids] for name, ids in value.items()}
+    return [int(i) for i in value]
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}={value!r}: expected {expected}.")
+
+
+def _lora_ga_options(value):
+    """Upstream's `lora_ga_config` sub-config: a dict, or an object with LoRA-GA's option attributes."""
+    if not isinstance(value, dict) and not any(hasattr(value, k) for k in _LORA_GA_OPTIONS):
+        raise Refused()
+    from ..loraga.config import LoraGAInitOptions
+
+    try:
+        LoraGAInitOptions.from_any(value)
+    except ValueError as exc:
+        raise Refused(str(exc).rstrip(".")) from None
+    return value
+
+
+def _token_indices(value):
+    check_trainable_token_indices(value)
+    return None if value is None else normalized_token_indices(value)
+
+
+_MODULE_NAMES = either(regex(), sequence_of(text(), "module name strings", into=set))
+_LORA_GA_SUB_CONFIG = Rule(f"a dict or object of LoRA-GA options {_LORA_GA_OPTIONS}", _lora_ga_options)
+_TOKEN_INDICES = Rule(f"None, {_TOKEN_IDS}, or a dict from embedding module name to such a list", _token_indices)
 
 
 @dataclass
@@ -56,81 +134,30 @@ class LoraConfig(PeftConfig):
         "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config",
         "monteclora_config", "use_bdlora", "velora_config", "runtime_config",
     )
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "r": integer(1),
+        "target_modules": optional(_MODULE_NAMES),
+        "exclude_modules": optional(_MODULE_NAMES),
+        "lora_alpha": number(0),
+        "lora_dropout": number(0, 1, low_open=False),
+        "fan_in_fan_out": boolean(),
+        "bias": one_of(_BIAS),
+        "use_rslora": boolean(),
+        "modules_to_save": optional(sequence_of(text(), "module name strings")),
+        "init_lora_weights": one_of(_INITS + ("lora_ga",)),
+        "layers_to_transform": optional(either(integer(0), sequence_of(integer(0), "ints >= 0"))),
+        "layers_pattern": optional(either(text(), sequence_of(text(), "strings"))),
+        "rank_pattern": optional(pattern_dict(integer(1))),
+        "alpha_pattern": optional(pattern_dict(number(0))),
+        "lora_ga_config": optional(_LORA_GA_SUB_CONFIG),
+        "trainable_token_indices": _TOKEN_INDICES,
+    }
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._validate()
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple, set)):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
-        if self.trainable_token_indices is not None:  # plain ints and lists, so the JSON form is upstream's
-            self.trainable_token_indices = normalized_token_indices(self.trainable_token_indices)
-
-    def _validate(self) -> None:
-        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "a positive int")
-        _check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
-               "a positive number")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
-        _check(self.bias in _BIAS, "bias", self.bias, f"one of {_BIAS}")
-        _check(self.init_lora_weights in _INITS or self.init_lora_weights in self._extra_inits(), "init_lora_weights",
-               self.init_lora_weights, f"one of {_INITS + self._extra_inits()}")
+    def _check_combinations(self) -> None:
+        super()._check_combinations()
         if self.layers_to_transform is not None:
             _check(not isinstance(self.target_modules, str), "target_modules", self.target_modules,
                    "a list when layers_to_transform is set")
         if self.layers_pattern is not None:
             _check(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
                    "to come with layers_to_transform")
-        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            _check(isinstance(patterns, dict), name, patterns, "a dict from regex to number")
-            for key, value in patterns.items():
-                _check(isinstance(value, (int, float)) and value > 0, f"{name}[{key!r}]", value, "a positive number")
-        if self.init_lora_weights == "lora_ga":
-            _check(self.peft_type == PeftType.LORA, "init_lora_weights", "lora_ga", "only with a LoraConfig")
-        check_trainable_token_indices(self.trainable_token_indices)
-
-    @staticmethod
-    def _extra_inits() -> tuple:
-        return ("lora_ga",)
-
-
-_TOKEN_IDS = "a non-empty list of distinct non-negative int token ids"
-
-
-def check_trainable_token_indices(value) -> None:
-    """Validate `trainable_token_indices`: None, a list of token ids, or a dict from module name to such a list.
-
-    Called by `LoraConfig` and again when the adapter is injected (TRL assigns the field after construction).
-    """
-    if value is None:
-        return
-    expected = f"{_TOKEN_IDS}, or a dict from embedding module name to {_TOKEN_IDS}"
-    if isinstance(value, dict):
-        _check(len(value) > 0, "trainable_token_indices", value, expected)
-        for name, ids in value.items():
-            _check(isinstance(name, str) and name != "", "trainable_token_indices", value,
-                   f"{expected} (module names are non-empty strings, got {name!r})")
-            _check(_token_id_list(ids), f"trainable_token_indices[{name!r}]", ids, _TOKEN_IDS)
-    else:
-        _check(_token_id_list(value), "trainable_token_indices", value, expected)
-
-
-def _token_id_list(ids) -> bool:
-    if not isinstance(ids, (list, tuple)) or not ids:
-        return False
-    ints = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids)
-    return ints and len(set(ids)) == len(ids)
-
-
-def normalized_token_indices(value):
-    """The same indices as plain Python lists of ints (tuples and numpy ints become JSON-able)."""
-    if isinstance(value, dict):
-        return {name: [int(i) for i in ids] for name, ids in value.items()}
-    return [int(i) for i in value]
-
-
-def _check(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}={value!r}: expected {expected}.")

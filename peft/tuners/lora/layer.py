@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -27,12 +29,36 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
     raise ValueError(f"Cannot read the in/out features of a {kind}; expected a Linear, Conv1D, Embedding or Conv2d.")
 
 
+def available_memory_bytes() -> Optional[int]:
+    """Host memory a new allocation can still get: MemAvailable + SwapFree (Linux), else the physical total, else
+    None (unknown: no check)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.rstrip().endswith("kB")}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     """fp32 for fp16/bf16/quantized bases (stable training), the base dtype for fp32/fp64 bases."""
     weight = getattr(base_layer, "weight", None)
     if weight is None or weight.dtype in (torch.float32, torch.float64):
         return torch.float32 if weight is None else weight.dtype
     return torch.float32
+
+
+# Every live LoRA layer (weak: a collected layer drops out). Lets an optimizer that only receives parameters (the
+# param groups transformers' Trainer passes) find the layer that owns each factor: `live_lora_layers()`.
+_LIVE_LAYERS: "weakref.WeakSet[LoraLayer]" = weakref.WeakSet()
+
+
+def live_lora_layers() -> list["LoraLayer"]:
+    return list(_LIVE_LAYERS)
 
 
 class LoraLayer(BaseTunerLayer):
@@ -56,6 +82,22 @@ class LoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.fan_in_fan_out = False
         self.in_features, self.out_features = base_features(self.get_base_layer())
+        _LIVE_LAYERS.add(self)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Deep copies and unpickled layers are live layers too. The concrete classes put `nn.Module` first in
+        their bases, so its `__setstate__` would win over one defined here: wrap each class's own instead."""
+        super().__init_subclass__(**kwargs)
+        inherited = cls.__setstate__
+        if getattr(inherited, "registers_lora_layer", False):
+            return
+
+        def __setstate__(self, state) -> None:
+            inherited(self, state)
+            _LIVE_LAYERS.add(self)
+
+        __setstate__.registers_lora_layer = True
+        cls.__setstate__ = __setstate__
 
     # --- creation -----------------------------------------------------------------------------------------------
     def _make_factors(self, adapter_name: str, r: int) -> None:
@@ -70,6 +112,7 @@ class LoraLayer(BaseTunerLayer):
         """Add adapter `adapter_name` of rank `r` to this layer."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive int, got {r!r}.")
+        self._check_factor_size(adapter_name, r)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
@@ -79,6 +122,23 @@ class LoraLayer(BaseTunerLayer):
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _check_factor_size(self, adapter_name: str, r: int) -> None:
+        """Refuse, before allocating, a rank whose A and B (`r * (in * kernel + out)` values, created on the host
+        first) exceed the memory the host can still give: the allocator would fail with a message naming neither
+        r nor the layer, or overcommit and get the process killed when the init writes every value. Any real rank
+        passes (upstream allows r > min(in, out); the adapter of one layer larger than all free memory never fits)."""
+        base = self.get_base_layer()
+        kernel = math.prod(getattr(base, "kernel_size", None) or (1,))
+        itemsize = adapter_dtype(base).itemsize
+        nbytes = r * (self.in_features * kernel + self.out_features) * itemsize
+        limit = available_memory_bytes()
+        if limit is not None and nbytes > limit:
+            raise ValueError(
+                f"Invalid r={r} for adapter {adapter_name!r} on {base}: its A and B would take {nbytes:,} bytes "
+                f"(r * (in_features * kernel + out_features) * {itemsize}), more than the {limit:,} bytes of memory "
+                "available; lower r (or set a smaller rank for this module in rank_pattern)."
+            )
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         """True: A Kaiming-uniform (a = sqrt(5)), B zero; "gaussian": A ~ N(0, 1/r^2), B zero; False: as created."""

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+from ...utils.config_validation import Rule, integer, number, one_of
 from ...utils.peft_types import PeftType
 from ..lora.config import LoraConfig
 from .init_math import DIRECTIONS, SCALES
@@ -45,29 +46,20 @@ class LoraGAConfig(LoraConfig):
     stable_gamma: float = field(default=16, metadata={"help": "Gamma of the stable scale."})
 
     peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORAGA
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "bsz": integer(1),
+        "iters": integer(1),
+        "max_length": integer(1),
+        "direction": one_of(DIRECTIONS),
+        "dtype": one_of(DTYPES),
+        "scale": one_of(SCALES, aliases=SCALE_ALIASES),
+        "stable_gamma": number(0),
+        # "lora_ga" is what the official code sets on this config: the LoRA-GA init happens anyway.
+        "init_lora_weights": one_of((True, False, "gaussian"), aliases={"lora_ga": True}),
+    }
 
-    def _validate(self) -> None:
-        if self.init_lora_weights == "lora_ga":  # the official code's value for this config; LoRA-GA init anyway
-            self.init_lora_weights = True
-        super()._validate()
-        self.scale = SCALE_ALIASES.get(self.scale, self.scale)
-        _check_lora_ga_fields(self)
 
-
-def _check_lora_ga_fields(cfg) -> None:
-    """Validate the LoRA-GA fields of `cfg` (a LoraGAConfig, or upstream's sub-config spelled as an object/dict)."""
-    for name in ("bsz", "iters", "max_length"):
-        value = getattr(cfg, name, 1)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise ValueError(f"Invalid {name}={value!r}: expected a positive int.")
-    checks = (("direction", DIRECTIONS), ("scale", SCALES), ("dtype", DTYPES))
-    for name, allowed in checks:
-        value = getattr(cfg, name, allowed[0])
-        if value not in allowed:
-            raise ValueError(f"Invalid {name}={value!r}: expected one of {allowed}.")
-    gamma = getattr(cfg, "stable_gamma", 16)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
-        raise ValueError(f"Invalid stable_gamma={gamma!r}: expected a positive number.")
+_OPTION_NAMES = ("direction", "scale", "stable_gamma", "dtype")
 
 
 @dataclass
@@ -90,10 +82,8 @@ class LoraGAInitOptions:
             if unknown:
                 raise ValueError(f"Unknown lora_ga_config keys {unknown}: expected direction, scale, stable_gamma, "
                                  "dtype.")
-            data = {k: value[k] for k in ("direction", "scale", "stable_gamma", "dtype") if k in value}
+            data = {k: value[k] for k in _OPTION_NAMES if k in value}
         else:
-            data = {k: getattr(value, k) for k in ("direction", "scale", "stable_gamma", "dtype") if hasattr(value, k)}
-        data["scale"] = SCALE_ALIASES.get(data.get("scale", "stable"), data.get("scale", "stable"))
-        options = cls(**data)
-        _check_lora_ga_fields(options)
-        return options
+            data = {k: getattr(value, k) for k in _OPTION_NAMES if hasattr(value, k)}
+        rules = LoraGAConfig.field_rules
+        return cls(**{k: rules[k].check(k, v) for k, v in data.items()})

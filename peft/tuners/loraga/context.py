@@ -1,20 +1,30 @@
 """Where the estimated gradients wait between `estimate_gradient` and the LoRA-GA initialisation.
 
-`LoraGAContext(model, named_grad)` makes `named_grad` visible to tuners built on `model` *while the context is
-open*; nothing is stored on the model or its modules. Gradients are looked up by module name, with the adapter
-machinery spelled out of the name (`base_model.model.` prefix, `.base_layer`), so names taken on a plain model
-and on a `PeftModel` around it agree.
+Two routes, each holding the gradients no longer than what they belong to, and finding them by the model object
+itself (never by `id()`, which a later object may reuse):
+
+- `LoraGAContext(model, named_grad)`: the open context object holds them; tuners built on `model` while it is open
+  find it among the open contexts (a stack, emptied as each `with` block ends). On exit the context drops the
+  gradients and the model, so `del named_grad` afterwards frees them.
+- `register_gradients` (the upstream `preprocess_loraga` route, which has no context manager): a weak mapping from
+  the model to its gradients, so they die with the model; the initialisation that uses them drops them.
+
+Nothing is stored on the model or its modules. Gradients are looked up by module name, with the adapter machinery
+spelled out of the name (`base_model.model.` prefix, `.base_layer`), so names taken on a plain model and on a
+`PeftModel` around it agree.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
-_ACTIVE: dict[int, dict[str, torch.Tensor]] = {}  # open contexts: id(unwrapped model) -> name -> gradient
-_PENDING: dict[int, dict[str, torch.Tensor]] = {}  # preprocess_loraga: consumed (popped) by the initialisation
+_OPEN: list["LoraGAContext"] = []  # contexts inside their `with` block, innermost last
+# preprocess_loraga: unwrapped model -> normalized name -> gradient; an entry dies with its model
+_PENDING: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -41,52 +51,66 @@ class LoraGAContext:
     """Context manager: inside it, `get_peft_model(model, LoraGAConfig(...))` initialises from `named_grad`.
 
     `named_grad` maps module names (as in `model.named_modules()`) to the averaged gradient of that module's
-    weight, as returned by `estimate_gradient`. On exit the context forgets the gradients (it never copies them),
-    so `del named_grad` afterwards frees them."""
+    weight, as returned by `estimate_gradient`. The context holds them (never a copy) only while it is open: on
+    exit it drops them and the model, so `del named_grad` afterwards frees them; a closed context cannot be
+    opened again."""
 
     def __init__(self, model: nn.Module, named_grad: Optional[dict[str, torch.Tensor]] = None) -> None:
         if named_grad is not None and not isinstance(named_grad, dict):
             raise ValueError(f"named_grad must be a dict from module name to tensor, got {type(named_grad).__name__}.")
         self.model = model
         self.named_grad = named_grad if named_grad is not None else {}
-        self._key: Optional[int] = None
+        self._target: Optional[nn.Module] = None  # the unwrapped model, while open
+        self._grads: Optional[dict[str, torch.Tensor]] = None  # normalized name -> gradient, while open
+        self._closed = False
 
     def __enter__(self) -> "LoraGAContext":
-        key = id(unwrap_model(self.model))
-        if key in _ACTIVE:
+        if self._closed:
+            raise RuntimeError("This LoraGAContext is closed (it dropped its gradients on exit); open a new one.")
+        target = unwrap_model(self.model)
+        if _open_context(target) is not None:
             raise RuntimeError("A LoraGAContext is already open for this model; nested contexts are not supported.")
-        _ACTIVE[key] = {normalize_name(k): v for k, v in self.named_grad.items()}
-        self._key = key
+        self._target, self._grads = target, {normalize_name(k): v for k, v in self.named_grad.items()}
+        _OPEN.append(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _ACTIVE.pop(self._key, None)
-        self._key = None
+        _OPEN[:] = [ctx for ctx in _OPEN if ctx is not self]
+        self._target = self._grads = self.model = self.named_grad = None
+        self._closed = True
+
+
+def _open_context(model: nn.Module) -> Optional[LoraGAContext]:
+    """The open context whose (unwrapped) model is `model` itself, or None."""
+    return next((ctx for ctx in reversed(_OPEN) if ctx._target is model), None)
 
 
 def active_gradients(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """The gradients waiting for `model` (an open context first, then `register_gradients`'), or None."""
-    key = id(unwrap_model(model))
-    return _ACTIVE.get(key, _PENDING.get(key))
+    plain = unwrap_model(model)
+    context = _open_context(plain)
+    return context._grads if context is not None else _PENDING.get(plain)
 
 
 def consume_gradient(model: nn.Module, name: str) -> None:
     """Drop the `register_gradients` entry of module `name` once it has been used; forget the model when none is
-    left, so nothing outlives the initialisation."""
-    key = id(unwrap_model(model))
-    if key in _ACTIVE or key not in _PENDING:
+    left (an open context keeps its own gradients until it exits)."""
+    plain = unwrap_model(model)
+    pending = _PENDING.get(plain)
+    if _open_context(plain) is not None or pending is None:
         return
-    _PENDING[key].pop(normalize_name(name), None)
-    if not _PENDING[key]:
-        del _PENDING[key]
+    pending.pop(normalize_name(name), None)
+    if not pending:
+        forget_gradients(plain)
 
 
 def register_gradients(model: nn.Module, named_grad: dict[str, torch.Tensor]) -> None:
-    """Make `named_grad` the pending gradients of `model` until the initialisation consumes them (the upstream
-    `preprocess_loraga` route, which has no context manager)."""
-    _PENDING[id(unwrap_model(model))] = {normalize_name(k): v for k, v in named_grad.items()}
+    """Make `named_grad` the pending gradients of `model` until an initialisation uses them, or the model is
+    garbage collected (the upstream `preprocess_loraga` route, which has no context manager)."""
+    _PENDING[unwrap_model(model)] = {normalize_name(k): v for k, v in named_grad.items()}
 
 
 def forget_gradients(model: nn.Module) -> None:
-    """Drop any pending gradients of `model` (e.g. after a failed `get_peft_model`)."""
-    _PENDING.pop(id(unwrap_model(model)), None)
+    """Drop any pending gradients of `model` (after the injection that used them: what is left was estimated on
+    the base before its offset, and must not initialise a later adapter)."""
+    _PENDING.pop(unwrap_model(model), None)

@@ -19,8 +19,9 @@ from ..lora.layer import LoraLayer
 from ..lora.model import LoraModel
 from . import quant
 from .config import LoraGAInitOptions
-from .context import active_gradients, consume_gradient, normalize_name
+from .context import active_gradients, consume_gradient, forget_gradients, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
+from .provenance import fingerprint
 
 # LoraGAConfig.dtype -> (precision of the SVD and init math, dtype A and B are stored in; None: the adapter's own)
 _DTYPES = {"fp32": (torch.float32, None), "fp64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16),
@@ -126,13 +127,33 @@ def init_record(tuner) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]
     return tuner.__dict__.setdefault("_loraga_init", {})
 
 
+def init_fingerprints(tuner) -> dict[str, dict[str, str]]:
+    """adapter name -> on-disk key of A0 or B0 -> its fingerprint (`provenance.fingerprint`), for every adapter the
+    tuner initialised with LoRA-GA (`LoraGAModel` and `LoraModel(init_lora_weights="lora_ga")`): what the saves
+    check an init folder against (`provenance.check_initial_factors`)."""
+    return tuner.__dict__.setdefault("_loraga_init_fingerprints", {})
+
+
 def _remember_init(tuner, layer: LoraLayer, adapter_name: str, key: str,
                    factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
-    """Record `factors` (default: the layer's A, B as stored now) as the init of `adapter_name` at `key`."""
-    if isinstance(tuner, LoraGAModel):  # LoraModel(init_lora_weights="lora_ga") saves as upstream: no record
-        factors = factor_params(layer, adapter_name) if factors is None else factors
+    """Record `factors` (default: the layer's A, B as stored now) as the init of `adapter_name` at `key`: their
+    fingerprints always, CPU copies on a `LoraGAModel` (LoraModel(init_lora_weights="lora_ga") saves as upstream)."""
+    factors = factor_params(layer, adapter_name) if factors is None else factors
+    init_fingerprints(tuner).setdefault(adapter_name, {}).update(
+        {file_key: fingerprint(t) for file_key, t in zip(_file_keys(key, layer), factors)})
+    if isinstance(tuner, LoraGAModel):
         init_record(tuner).setdefault(adapter_name, {})[key] = tuple(t.detach().to("cpu", copy=True)
                                                                      for t in factors)
+
+
+def _forget_init(tuner, adapter_name: str) -> None:
+    init_record(tuner).pop(adapter_name, None)
+    init_fingerprints(tuner).pop(adapter_name, None)
+
+
+def adapter_layers(tuner, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    """(module key, layer) for every LoRA layer of `tuner` carrying `adapter_name`."""
+    return [(k, m) for k, m in tuner.tuner_layers() if isinstance(m, LoraLayer) and layer_factors(m, adapter_name)]
 
 
 @contextlib.contextmanager
@@ -146,10 +167,13 @@ def offsets_after_injection(tuner) -> Iterator[None]:
         yield
     finally:
         tuner.__dict__.pop("_loraga_pending", None)
+    for adapter_name in {adapter_name for _, adapter_name, _ in pending}:  # a new init of that name starts afresh
+        _forget_init(tuner, adapter_name)
     for layer, adapter_name, key in pending:
         offset_base(layer, adapter_name)
         _remember_init(tuner, layer, adapter_name, key)
-        consume_gradient(tuner.model, key)
+    if pending:  # estimated on the base before its offset: leftovers must not initialise a later adapter
+        forget_gradients(tuner.model)
 
 
 def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
@@ -202,20 +226,20 @@ class LoraGAModel(LoraModel):
     prefix: str = "lora_"
 
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
-        init_record(self).pop(adapter_name, None)  # a new adapter of that name starts without an init
+        _forget_init(self, adapter_name)  # a new adapter of that name starts without an init
         with offsets_after_injection(self):
             super().inject_adapter(model, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        init_record(self).pop(adapter_name, None)
+        _forget_init(self, adapter_name)
 
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         init_from_gradients(self, layer, config, adapter_name, key)
 
     def adapter_layers(self, adapter_name: str) -> list[tuple[str, LoraLayer]]:
         """(module key, layer) for every layer carrying `adapter_name`."""
-        return [(k, m) for k, m in self.tuner_layers() if isinstance(m, LoraLayer) and layer_factors(m, adapter_name)]
+        return adapter_layers(self, adapter_name)
 
     def initialise_adapter(self, adapter_name: str, named_grad: dict[str, torch.Tensor]) -> None:
         """LoRA-GA init of an existing adapter that has not been initialised yet (built with no gradients waiting):
@@ -246,6 +270,7 @@ class LoraGAModel(LoraModel):
         for key, layer in layers:
             offset_base(layer, adapter_name)
             _remember_init(self, layer, adapter_name, key)
+        forget_gradients(self.model)  # preprocess_loraga leftovers predate the offset
 
     def adapter_to_save(self, adapter_name: str, weights: dict, config) -> tuple[dict, object]:
         """The on-disk form of adapter `adapter_name` (`weights` in on-disk keys, as `get_peft_model_state_dict`
@@ -285,6 +310,7 @@ class LoraGAModel(LoraModel):
             for key, layer in layers.items():
                 offset_base(layer, adapter_name, factors=init[key])
                 _remember_init(self, layer, adapter_name, key, factors=init[key])
+            forget_gradients(self.model)  # preprocess_loraga leftovers predate the offset
 
         return weights, commit
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
+from ...utils.config_validation import Rule, number, one_of
 from ...utils.peft_types import PeftType
 from ..lora.config import LoraConfig
 from .math import X_MODES
@@ -35,22 +35,15 @@ class LoraProConfig(LoraConfig):
     damping: float = field(default=1e-8, metadata={"help": "Added to B^T B and A A^T before inverting."})
 
     peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORAPRO
-
-    def _validate(self) -> None:
-        super()._validate()
-        validate_options(self.mode, self.x_mode, self.damping)
-
-    @staticmethod
-    def _extra_inits() -> tuple:
-        return ()
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "mode": one_of(MODES),
+        "x_mode": one_of(X_MODES),
+        "damping": number(0, low_open=False),
+        "init_lora_weights": one_of((True, False, "gaussian")),  # no "lora_ga": that is LoraGAConfig's job
+    }
 
 
 def validate_options(mode: str, x_mode: str, damping: float) -> None:
-    """Raise ValueError naming the offending value and what was expected."""
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode={mode!r}: expected one of {MODES}.")
-    if x_mode not in X_MODES:
-        raise ValueError(f"Invalid x_mode={x_mode!r}: expected one of {X_MODES}.")
-    ok = isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping)
-    if not ok or damping < 0:
-        raise ValueError(f"Invalid damping={damping!r}: expected a finite number >= 0.")
+    """Check LoRA-Pro's options (the optimizer's keyword arguments) with `LoraProConfig`'s rules."""
+    for name, value in (("mode", mode), ("x_mode", x_mode), ("damping", damping)):
+        LoraProConfig.field_rules[name].check(name, value)

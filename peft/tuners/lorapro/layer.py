@@ -6,6 +6,10 @@ A LoRA-Pro layer is the LoRA layer built by the LoRA dispatchers, given the `Lor
 a subclass that adds methods only, no state besides `lorapro_options`). Matrices: `A` is (r, n) and `B` is (m, r)
 with W's update `s B A` (m, n); a Conv2d A (r, c_in, kh, kw) is used as (r, c_in kh kw), its B (c_out, r, 1, 1) as
 (c_out, r); an Embedding's `lora_embedding_A` / `lora_embedding_B` already are (r, n) / (m, r).
+
+The functions `lora_factors`, `lora_matrices`, `lora_adapter_names`, `lora_dropout_p` and `check_lorapro_rank` read
+the same things from any `LoraLayer` (a plain `LoraConfig` model too): the optimizers train those with LoRA-Pro,
+their options then coming from the optimizer's arguments.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ _LIVE_LAYERS: "weakref.WeakSet[LoraProLayer]" = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class LoraProOptions:
-    """Per-adapter LoRA-Pro options of a layer (from `LoraProConfig`)."""
+    """Per-adapter LoRA-Pro options of a layer (from `LoraProConfig`). The defaults are `LoraProConfig`'s: a plain
+    LoRA layer trained by a LoRA-Pro optimizer uses them unless the optimizer is given others."""
 
     mode: str = "full"
     x_mode: str = "sylvester"
@@ -40,6 +45,56 @@ class LoraProOptions:
         validate_options(self.mode, self.x_mode, self.damping)
 
 
+def lora_adapter_names(layer: LoraLayer) -> list[str]:
+    """The adapters that have factors on `layer` (Linear / Conv2d ones first, then Embedding ones)."""
+    return [*layer.lora_A.keys(), *layer.lora_embedding_A.keys()]
+
+
+def lora_factors(layer: LoraLayer, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """The parameters (A, B) of `adapter_name` on any LoRA layer, as stored (Conv2d: 4-d)."""
+    if adapter_name in layer.lora_A:
+        return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    if adapter_name in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+    raise KeyError(f"Layer {type(layer).__name__} has no adapter {adapter_name!r}.")
+
+
+def lora_matrices(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, n), B (m, r)) views of the factors of `adapter_name` on any LoRA layer."""
+    A, B = lora_factors(layer, adapter_name)
+    return A.detach().flatten(1), B.detach().flatten(1)
+
+
+def lora_dropout_p(layer: LoraLayer, adapter_name: str) -> float:
+    """The dropout probability applied to the input of `adapter_name`'s A (0 for Embedding LoRA, which has none)."""
+    if adapter_name not in layer.lora_A or adapter_name not in layer.lora_dropout:
+        return 0.0
+    return float(getattr(layer.lora_dropout[adapter_name], "p", 0.0))
+
+
+def check_lorapro_rank(layer: LoraLayer, adapter_name: str, key: str = "") -> None:
+    """Raise ValueError when r exceeds a dimension of the update (A could not have full row rank)."""
+    A, B = lora_matrices(layer, adapter_name)
+    (r, n), m = A.shape, B.shape[0]
+    if r > min(m, n):
+        raise ValueError(
+            f"LoRA-Pro needs r <= min(out, in) of every adapted layer; {key or type(layer).__name__} has r={r}, "
+            f"update shape ({m}, {n}). Lower r (or use rank_pattern for this module)."
+        )
+
+
+def lora_adjusted_gradients(
+    layer: LoraLayer, adapter_name: str, grad_A: torch.Tensor, grad_B: torch.Tensor, x_mode: str = "sylvester",
+    damping: float = 1e-8, grams: lp.Grams | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-Pro's `(gA', gB')` (paper eq. 8) for `adapter_name` of any LoRA layer, with s read from the layer,
+    shaped like the factors, in fp32 (fp64 for fp64 inputs)."""
+    A, B = lora_matrices(layer, adapter_name)
+    new_gA, new_gB = lp.adjusted_gradients(A, B, grad_A.flatten(1), grad_B.flatten(1),
+                                           float(layer.scaling[adapter_name]), x_mode, damping, grams)
+    return new_gA.reshape(grad_A.shape), new_gB.reshape(grad_B.shape)
+
+
 class LoraProLayer:
     """Mixin for a `LoraLayer`: the factors of an adapter as matrices, and their LoRA-Pro adjusted gradients."""
 
@@ -47,16 +102,11 @@ class LoraProLayer:
 
     def lorapro_factors(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         """The parameters (A, B) of `adapter_name`, as stored (Conv2d: 4-d)."""
-        if adapter_name in self.lora_A:
-            return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        if adapter_name in self.lora_embedding_A:
-            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        raise KeyError(f"Layer {type(self).__name__} has no adapter {adapter_name!r}.")
+        return lora_factors(self, adapter_name)
 
     def lorapro_matrices(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, n), B (m, r)) views of the factors of `adapter_name`."""
-        A, B = self.lorapro_factors(adapter_name)
-        return A.detach().flatten(1), B.detach().flatten(1)
+        return lora_matrices(self, adapter_name)
 
     def lorapro_scaling(self, adapter_name: str) -> float:
         """s of `adapter_name`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
@@ -70,12 +120,8 @@ class LoraProLayer:
         fp64 inputs). `x_mode` / `damping` default to the adapter's options; `grams`: the Grams of this adapter's
         (A, B) with that damping, when already decomposed (`lp.grams_batched`, one call for many layers)."""
         opts = self.lorapro_options[adapter_name]
-        A, B = self.lorapro_matrices(adapter_name)
-        new_gA, new_gB = lp.adjusted_gradients(
-            A, B, grad_A.flatten(1), grad_B.flatten(1), self.lorapro_scaling(adapter_name),
-            opts.x_mode if x_mode is None else x_mode, opts.damping if damping is None else damping, grams,
-        )
-        return new_gA.reshape(grad_A.shape), new_gB.reshape(grad_B.shape)
+        return lora_adjusted_gradients(self, adapter_name, grad_A, grad_B, opts.x_mode if x_mode is None else x_mode,
+                                       opts.damping if damping is None else damping, grams)
 
     def __setstate__(self, state) -> None:  # copies and unpickled layers are live layers too
         super().__setstate__(state)
@@ -116,13 +162,7 @@ def make_lorapro_layer(layer: LoraLayer, adapter_name: str, options: LoraProOpti
     if not isinstance(layer, LoraProLayer):
         layer.__class__ = lorapro_class(type(layer))
         layer.lorapro_options = {}
-    A, B = layer.lorapro_matrices(adapter_name)
-    (r, n), m = A.shape, B.shape[0]
-    if r > min(m, n):
-        raise ValueError(
-            f"LoRA-Pro needs r <= min(out, in) of every adapted layer; {key or type(layer).__name__} has r={r}, "
-            f"update shape ({m}, {n}). Lower r (or use rank_pattern for this module)."
-        )
+    check_lorapro_rank(layer, adapter_name, key)
     layer.lorapro_options[adapter_name] = options
     _LIVE_LAYERS.add(layer)
     return layer

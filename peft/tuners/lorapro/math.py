@@ -16,7 +16,13 @@ for any r x r matrix X; `g~` is then the projection of `g` onto the tangent spac
 
     (B^T B) X + X (A A^T) = -(1/s^2) (B^T B)^-1 gA A^T                                  (paper eq. 10)
 
-Numerics (all r x r work is done in fp32 at least; float64 stays float64):
+Numerics: the adjustment's r x r work (paper eq. 8 and 10: the Gram matrices, formed from fp64 copies of A and B,
+their inverses, the Sylvester solve, the r x r products with the gradients, and `gA'`) is done in float64
+(`solve_dtype`), its results returned in the compute dtype (fp32, or fp64 for fp64 inputs); the (m, r) products of
+`gB'` and the m x n work (`g~`, the Adam direction U, `B^T U`, `U A^T`) stay in the compute dtype. Right after B
+leaves zero, `B^T B` is ill-conditioned (B's columns follow the gradient's few strong directions), and fp32 solves
+there lost up to most of the step's digits (docs/lorapro.md, "Precision"); next to the m x n work the fp64 part
+costs little.
 
 - the Gram matrices `B^T B`, `A A^T` get `damping * I` added and are inverted through their symmetric
   eigendecompositions; eigenvalues at or below `max(r * eps * lambda_max, sqrt(tiny))` count as zero (a
@@ -46,11 +52,17 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def solve_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the adjustment's r x r work: float64, or float32 on a device without float64 (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 # --- r x r Gram matrices ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Grams:
     """Eigendecompositions `B^T B + dI = Qb diag(lb) Qb^T` and `A A^T + dI = Qa diag(la) Qa^T` (all (..., r, r) /
-    (..., r)), and the two pseudo-inverses they give, `binv = (B^T B + dI)^+`, `ainv = (A A^T + dI)^+`."""
+    (..., r)), and the two pseudo-inverses they give, `binv = (B^T B + dI)^+`, `ainv = (A A^T + dI)^+`, in
+    `solve_dtype`."""
 
     qb: torch.Tensor  # (..., r, r)
     lb: torch.Tensor  # (..., r)
@@ -101,8 +113,10 @@ def _decompose(mats: torch.Tensor, damping: float | torch.Tensor) -> Grams:
 
 
 def grams(A: torch.Tensor, B: torch.Tensor, damping: float = 0.0) -> Grams:
-    """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0). A (..., r, n), B (..., m, r), same compute
-    dtype; a stack is decomposed by one batched `eigh` call."""
+    """Eigendecompose `B^T B + dI` and `A A^T + dI` (d = damping >= 0), in `solve_dtype`. A (..., r, n),
+    B (..., m, r); a stack is decomposed by one batched `eigh` call."""
+    dtype = solve_dtype(A.device)
+    A, B = A.to(dtype), B.to(dtype)  # the Grams of fp32 factors formed in fp64: their small eigenvalues survive
     return _decompose(torch.stack([B.mT @ B, A @ A.mT]), damping)  # (2, ..., r, r)
 
 
@@ -114,20 +128,20 @@ def _per_matrix(dampings: list[float], like: torch.Tensor) -> float | torch.Tens
 
 
 def grams_batched(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings: Sequence[float]) -> list[Grams]:
-    """`grams(A, B, d)` for many (A (..., r, n), B (..., m, r), d) at once (stacks allowed), each pair in its
-    compute dtype (fp32 for bf16/fp16 factors).
+    """`grams(A, B, d)` for many (A (..., r, n), B (..., m, r), d) at once (stacks allowed), in `solve_dtype`.
 
-    The Gram matrices of all the pairs that share r, dtype and device are stacked, `(2, K, r, r)`, and decomposed by
+    The Gram matrices of all the pairs that share r and device are stacked, `(2, K, r, r)`, and decomposed by
     one batched `eigh` call: on a GPU one solver launch and one synchronisation for all the layers of a model instead
     of two per layer (each `eigh` call waits for its error check)."""
     if len(factors) != len(dampings):
         raise ValueError(f"Got {len(factors)} factor pairs and {len(dampings)} dampings; expected one per pair.")
     groups: dict[tuple, list[int]] = {}
-    for i, (A, B) in enumerate(factors):
-        groups.setdefault((A.shape[-2], compute_dtype(A, B), A.device), []).append(i)
+    for i, (A, _) in enumerate(factors):
+        groups.setdefault((A.shape[-2], A.device), []).append(i)
     out: list[Grams | None] = [None] * len(factors)
-    for (_, dtype, _), index in groups.items():
-        pairs = [(factors[i][0].to(dtype), factors[i][1].to(dtype)) for i in index]  # bf16 factors: fp32 Grams
+    for (_, device), index in groups.items():
+        dtype = solve_dtype(device)
+        pairs = [(factors[i][0].to(dtype), factors[i][1].to(dtype)) for i in index]
         r, batches = pairs[0][0].shape[-2], [A.shape[:-2] for A, _ in pairs]
         mats = torch.stack([torch.cat([(B.mT @ B).reshape(-1, r, r) for _, B in pairs]),  # (2, K, r, r)
                             torch.cat([(A @ A.mT).reshape(-1, r, r) for A, _ in pairs])])
@@ -189,19 +203,26 @@ def adjust(
     g: Grams, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     x_mode: XMode = "sylvester",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper eq. 8 with the Grams of (A, B) already decomposed; all inputs in one compute dtype.
-    Returns `(gA' (..., r, n), gB' (..., m, r))`, with `Binv = (B^T B)^+`, `Ainv = (A A^T)^+` (damped):
+    """Paper eq. 8 with the Grams of (A, B) already decomposed; all inputs in one compute dtype, the result in it
+    too. Returns `(gA' (..., r, n), gB' (..., m, r))`, with `Binv = (B^T B)^+`, `Ainv = (A A^T)^+` (damped):
 
         gA' = (1/s^2) Binv gA + X A
         gB' = (1/s^2) (gB - B Binv B^T gB) Ainv - B X = (1/s^2) gB Ainv - B ((1/s^2) Binv (B^T gB) Ainv + X)
 
     The projector is applied as `Y - B (Binv (B^T Y))` with its (r, r) parts grouped first: no (m, m) matrix, and
-    four products with a dimension m or n (besides those of `choose_x`)."""
-    X = choose_x(A, gA, s, g, x_mode)  # (..., r, r)
-    new_gA = _addmm(X @ A, g.binv, gA, alpha=1.0 / s**2)  # (..., r, n)
-    inner = g.binv @ (B.mT @ gB) @ g.ainv / s**2 + X  # (..., r, r)
-    new_gB = _addmm(B @ inner, gB, g.ainv, beta=-1.0, alpha=1.0 / s**2)  # (..., m, r)
-    return new_gA, new_gB
+    four products with a dimension m or n (besides those of `choose_x`).
+
+    Precision: everything up to the (r, r) matrices X and `inner = (1/s^2) Binv (B^T gB) Ainv + X`, and gA' (where
+    `Binv`, large when B is nearly rank-deficient, meets the (r, n) gradient), is computed in the Grams' dtype
+    (`solve_dtype`, fp64); the two (m, r) products of gB' take `inner` and `Ainv` rounded to the compute dtype (as
+    accurate there, measured, and the (m, r) work is the larger when m > n)."""
+    out = A.dtype
+    A64, B64, gA64, gB64 = (t.to(g.binv.dtype) for t in (A, B, gA, gB))
+    X = choose_x(A64, gA64, s, g, x_mode)  # (..., r, r)
+    new_gA = _addmm(X @ A64, g.binv, gA64, alpha=1.0 / s**2)  # (..., r, n)
+    inner = g.binv @ (B64.mT @ gB64) @ g.ainv / s**2 + X  # (..., r, r)
+    new_gB = _addmm(B @ inner.to(out), gB, g.ainv.to(out), beta=-1.0, alpha=1.0 / s**2)  # (..., m, r)
+    return new_gA.to(out), new_gB
 
 
 def adjusted_gradients(

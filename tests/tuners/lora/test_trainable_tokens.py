@@ -91,12 +91,15 @@ def test_bad_indices_are_a_value_error_naming_them(bad):
         LoraConfig(target_modules=["q_proj"], trainable_token_indices=bad)
 
 
-def test_value_assigned_after_construction_is_checked_at_injection():
-    """TRL sets `peft_config.trainable_token_indices = {...}` on a built config."""
+def test_value_assigned_after_construction_is_checked():
+    """TRL sets `peft_config.trainable_token_indices = {...}` on a built config: a bad value is refused at the
+    assignment; an out-of-range id (the vocabulary is the model's) when the adapter is injected."""
     model = tiny_llama()
     config = LoraConfig(target_modules=["q_proj"])
-    config.trainable_token_indices = {"embed_tokens": [4, -1]}
     with pytest.raises(ValueError, match=r"trainable_token_indices\['embed_tokens'\]=\[4, -1\]"):
+        config.trainable_token_indices = {"embed_tokens": [4, -1]}
+    config.trainable_token_indices = {"embed_tokens": [4, VOCAB]}
+    with pytest.raises(ValueError, match="out of range"):
         get_peft_model(model, config)
     assert not any(isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
 

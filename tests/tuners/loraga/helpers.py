@@ -49,3 +49,26 @@ def mixed_batches(n: int = 2, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     return [{"input_ids": (ids := torch.randint(0, 20, (3, 4), generator=gen)), "labels": ids.clone()}
             for _ in range(n)]
+
+
+def assert_same_adapter_files(folder_a, folder_b) -> None:
+    """The two folders hold the same adapter: equal `adapter_config.json` (as JSON), and equal tensors (dtype,
+    shape, values) and metadata in `adapter_model.safetensors`. Not the bytes: safetensors writes the metadata
+    entries in a hash map's order, which varies between saves once there are two of them."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    def read(folder):
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
+            return config, f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    (config_a, meta_a, tensors_a), (config_b, meta_b, tensors_b) = read(folder_a), read(folder_b)
+    assert config_a == config_b
+    assert meta_a == meta_b
+    assert sorted(tensors_a) == sorted(tensors_b)
+    for key, value in tensors_a.items():
+        assert value.dtype == tensors_b[key].dtype and torch.equal(value, tensors_b[key]), key

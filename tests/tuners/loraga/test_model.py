@@ -13,7 +13,7 @@ from torch import nn
 from peft import LoraConfig, LoraGAConfig, PeftType, get_peft_model, preprocess_loraga
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.loraga import init_math as im
-from peft.tuners.loraga.context import _ACTIVE, _PENDING
+from peft.tuners.loraga.context import _OPEN, _PENDING
 from peft.tuners.loraga.model import factor_params, to_matrix
 from peft.utils.lora_ga_utils import LoraGAContext, estimate_gradient
 from tests.tuners.loraga.helpers import TARGETS, Mixed, llama, mixed_batches, token_batches
@@ -148,7 +148,7 @@ def test_failed_injection_leaves_base_weights_and_add_adapter_too(upstream):
     with pytest.raises(ValueError, match=r"2\*r <= min\(out, in\).*layers\.1\.self_attn\.v_proj"):
         _wrap(model, config, _llama_grads())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert not _PENDING and not _ACTIVE
+    assert not _PENDING and not _OPEN
     peft_model = _wrap(model, LoraGAConfig(target_modules=["q_proj"], r=2), _llama_grads())
     state = {k: v.clone() for k, v in peft_model.state_dict().items()}
     with LoraGAContext(model=peft_model, named_grad=_llama_grads()), pytest.raises(ValueError, match="2\\*r"):
@@ -200,7 +200,7 @@ def test_gradients_released_after_init():
     peft_model = _wrap(model, LoraGAConfig(target_modules=TARGETS, r=2), grads)
     del grads
     gc.collect()
-    assert probe() is None and not _ACTIVE and not _PENDING
+    assert probe() is None and not _OPEN and not _PENDING
     for module in peft_model.modules():
         assert not any(isinstance(v, torch.Tensor) and "grad" in k for k, v in vars(module).items())
 

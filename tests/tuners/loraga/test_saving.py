@@ -18,7 +18,7 @@ from peft.utils.lora_ga_utils import (
     save_loraga_model_final,
     save_loraga_model_init,
 )
-from tests.tuners.loraga.helpers import llama, token_batches
+from tests.tuners.loraga.helpers import assert_same_adapter_files, llama, token_batches
 from tests.upstream_harness import UpstreamUnavailable, run_upstream
 
 CASES = {
@@ -159,8 +159,7 @@ def test_final_without_init_folder_uses_the_recorded_init(tmp_path):
     save_loraga_model_final(peft_model, save_dir=str(tmp_path / "with_folder"))
     save_loraga_model_final(peft_model, save_dir=str(tmp_path / "recorded"))
     assert not os.path.exists(tmp_path / "recorded" / INIT_SUBFOLDER)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (tmp_path / "recorded" / name).read_bytes() == (tmp_path / "with_folder" / name).read_bytes()
+    assert_same_adapter_files(tmp_path / "recorded", tmp_path / "with_folder")
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -173,8 +172,7 @@ def test_save_pretrained_writes_the_final_form_for_the_original_base(tmp_path, r
     trained = _logits(peft_model, ids)
     peft_model.save_pretrained(str(tmp_path / "saved"))
     save_loraga_model_final(peft_model, save_dir=str(tmp_path / "final"))
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "final" / name).read_bytes()
+    assert_same_adapter_files(tmp_path / "saved", tmp_path / "final")
     assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     reloaded = PeftModel.from_pretrained(llama(), str(tmp_path / "saved"))
     torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=1e-5, atol=1e-5)
@@ -199,8 +197,7 @@ def test_load_adapter_into_a_fresh_model_restores_the_run_bit_for_bit(tmp_path):
         assert torch.equal(value, expected[key]), key
     assert all(p.requires_grad for n, p in fresh.named_parameters() if ".lora_" in n)
     fresh.save_pretrained(str(tmp_path / "again"))  # the restored model knows its init: saves the same files
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
+    assert_same_adapter_files(tmp_path / "again", tmp_path)
 
 
 def test_load_adapter_of_the_same_run_keeps_the_offset(tmp_path):
