@@ -37,5 +37,7 @@ setup(
             "trl>=1.16,<1.17", "datasets>=5.1,<5.3", "sentence-transformers>=6,<7",
         ],
         "demo": DEMO,
+        # DeepSpeed ZeRO through the Trainer (docs/multi_gpu.md); checked with 0.19.8 on CPU, not in `make test`
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
     },
 )

@@ -12,6 +12,7 @@ from ..tuners.lorapro import math as lp
 from .lorapro import LoraProAdamW, _grad, _validate_overrides
 from .nonfinite import all_finite, nonfinite_error
 from .pairs import LoraProPair, lorapro_pairs, warn_if_dropout
+from .sharding import is_sharded
 
 
 def register_lorapro_adjustment(
@@ -43,6 +44,7 @@ def register_lorapro_adjustment(
             pairs.append(pair)
     if not pairs:
         raise ValueError("The optimizer holds no LoRA factor of this model.")
+    _refuse_sharded(pairs)
     warn_if_dropout(pairs, stacklevel=2)
 
     def adjust(opt: Optimizer, args: tuple, kwargs: dict):  # args: (optimizer, *step's positional arguments)
@@ -71,10 +73,20 @@ def _innermost(optimizer: Optimizer) -> Optimizer:
     return optimizer
 
 
+def _refuse_sharded(pairs: list[LoraProPair]) -> None:
+    """ValueError for FSDP2 (DTensor) factors: the hook adjusts whole gradients only."""
+    for pair in pairs:
+        if is_sharded(pair.A) or is_sharded(pair.B):
+            raise ValueError(f"register_lorapro_adjustment does not support FSDP2 (the factors of {pair.describe()} "
+                             "are DTensors); use LoraProAdamW, which steps them as row shards.")
+
+
 @torch.no_grad()
 def _adjust_gradients(pairs: list[LoraProPair], x_mode: Optional[str], damping: Optional[float]) -> None:
     """Replace the gradients of every pair's A and B by their adjusted gradients (paper eq. 8), in place; raise
     FloatingPointError first if one of them is not finite."""
+    pairs = [pair.current() for pair in pairs]
+    _refuse_sharded(pairs)
     todo = [pair for pair in pairs if pair.A.grad is not None or pair.B.grad is not None]
     grads = [(f"{role} of {pair.describe()}", p.grad) for pair in todo for role, p in (("A", pair.A), ("B", pair.B))
              if p.grad is not None]

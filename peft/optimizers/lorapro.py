@@ -3,13 +3,14 @@ parameters (`hook.register_lorapro_adjustment` gives any torch optimizer the adj
 seed API).
 
 The adjustment happens inside `step()`, so it runs once per optimizer step: after gradient accumulation, after DDP
-has averaged the gradients and after gradient clipping.
+has averaged the gradients and after gradient clipping. Several processes: DDP as is; DDP with the state partitioned
+across the ranks (`shard_moments=True`, `zero.py`); FSDP2, whose DTensor factors are found and stepped as row shards
+(`sharding.py`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -18,10 +19,12 @@ from torch.optim import Optimizer
 
 from ..tuners.lorapro import math as lp
 from ..tuners.lorapro.config import MODES, validate_options
+from . import zero
+from .batches import MOMENTS as _MOMENTS
+from .batches import gather, grad_of, grams, make_batches, step_batch
 from .nonfinite import all_finite, nonfinite_error, validate_nonfinite
 from .pairs import LoraProPair, lorapro_pairs, pairs_in_groups, warn_if_dropout
-
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+from .sharding import agree_finite, is_sharded, local, new_state, pair_shards, refuse_fsdp1
 
 
 def _validate_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -39,35 +42,12 @@ def _validate_hyper(lr: float, betas: tuple[float, float], eps: float, weight_de
         raise bad("weight_decay", weight_decay, "a finite number >= 0")
 
 
-@dataclass
-class _Batch:
-    """k pairs that step together: one shape, dtype, mode, x_mode, damping, scale s, step count (before this step)
-    and param group. A (k, r, n), B (k, m, r) and their gradients gA, gB alike: the pairs' factors, stacked."""
-
-    pairs: list[LoraProPair]
-    group: dict
-    mode: str
-    x_mode: str
-    damping: float
-    s: float
-    step: int
-    A: torch.Tensor
-    B: torch.Tensor
-    gA: torch.Tensor
-    gB: torch.Tensor
-
-
 def _hyper(group: dict, lr_scale: float) -> lp.AdamHyper:
     beta1, beta2 = group["betas"]
     return lp.AdamHyper(group["lr"] * lr_scale, beta1, beta2, group["eps"], group["weight_decay"])
 
 
-def _grad(param: torch.Tensor) -> torch.Tensor:
-    if param.grad is None:
-        return torch.zeros_like(param)
-    if param.grad.is_sparse:
-        raise ValueError("LoRA-Pro optimizers do not support sparse gradients.")
-    return param.grad
+_grad = grad_of  # `hook.py` imports it from here
 
 
 class LoraProAdamW(Optimizer):
@@ -86,6 +66,9 @@ class LoraProAdamW(Optimizer):
         nonfinite: what a NaN or inf gradient does (checked before anything changes, one fused reduction per step):
             "raise" (default) a FloatingPointError naming the parameter, parameters and state untouched; "skip" the
             whole step, as a GradScaler does, counted in `skipped_steps` (saved in `state_dict()`).
+        shard_moments: with DDP (whole parameters on every rank), partition the optimizer state across the ranks of
+            the default process group: each rank steps the pairs (and other parameters) it owns, balanced by state
+            size, and broadcasts their new values (`zero.py`). Needs an initialised process group.
 
     Building it on layers with `lora_dropout > 0` warns once (see docs/lorapro.md, "LoRA dropout").
 
@@ -97,19 +80,24 @@ class LoraProAdamW(Optimizer):
       direction U is treated as the full gradient and adjusted (`lp.full_mode_step`); state on A: `exp_avg`,
       `exp_avg_sq` of shape (m, n).
     - "efficient": adjust the gradients, then AdamW on each factor (`lp.efficient_mode_step`): LoRA's memory.
+
+    FSDP2 (`fully_shard`) needs nothing: DTensor factors are found and stepped as row shards, the state (full
+    mode's (m, n) moments included) is a DTensor sharded like B's rows (`sharding.py`); build the optimizer after
+    `fully_shard`, or let accelerate swap its parameters. FSDP1 (`FullyShardedDataParallel`) is refused.
     """
 
     def __init__(
         self, model: Union[nn.Module, Iterable[torch.Tensor], Iterable[dict]], lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
         mode: Optional[str] = None, x_mode: Optional[str] = None, damping: Optional[float] = None,
-        nonfinite: str = "raise",
+        nonfinite: str = "raise", shard_moments: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode, x_mode=x_mode,
                         damping=damping)
         if not isinstance(model, nn.Module):
-            self._setup_groups(model, defaults, nonfinite)
+            self._setup_groups(model, defaults, nonfinite, shard_moments)
             return
+        refuse_fsdp1(model)
         pairs = lorapro_pairs(model)
         factor_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
         others, seen = [], set()
@@ -117,9 +105,10 @@ class LoraProAdamW(Optimizer):
             if param.requires_grad and id(param) not in factor_ids and id(param) not in seen:
                 seen.add(id(param))
                 others.append(param)
-        self._setup(pairs, others, defaults, nonfinite)
+        self._setup(pairs, others, defaults, nonfinite, shard_moments)
 
-    def _setup(self, pairs: list[LoraProPair], others: list[torch.Tensor], defaults: dict, nonfinite: str) -> None:
+    def _setup(self, pairs: list[LoraProPair], others: list[torch.Tensor], defaults: dict, nonfinite: str,
+               shard_moments: bool = False) -> None:
         _validate_hyper(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
         _validate_overrides(defaults["mode"], defaults["x_mode"], defaults["damping"])
         validate_nonfinite(nonfinite)
@@ -127,10 +116,10 @@ class LoraProAdamW(Optimizer):
         if others:
             groups.append({"params": others, "lorapro": False})
         super().__init__(groups, defaults)
-        self._finish(pairs, nonfinite)
+        self._finish(pairs, nonfinite, shard_moments)
 
     def _setup_groups(self, params: Union[Iterable[torch.Tensor], Iterable[dict]], defaults: dict,
-                      nonfinite: str) -> None:
+                      nonfinite: str, shard_moments: bool) -> None:
         """The optimizer over `params` (tensors or param groups, kept as given); pairs from the owning layers."""
         _validate_hyper(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
         _validate_overrides(defaults["mode"], defaults["x_mode"], defaults["damping"])
@@ -139,18 +128,56 @@ class LoraProAdamW(Optimizer):
         for group in self.param_groups:
             _validate_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
             _validate_overrides(group["mode"], group["x_mode"], group["damping"])
-        self._finish(pairs_in_groups(self.param_groups), nonfinite)
+        refuse_fsdp1(params=self._params())
+        self._finish(pairs_in_groups(self.param_groups), nonfinite, shard_moments)
 
-    def _finish(self, pairs: list[LoraProPair], nonfinite: str) -> None:
+    def _finish(self, pairs: list[LoraProPair], nonfinite: str, shard_moments: bool) -> None:
         self._pairs = pairs
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
+        self._partition = self._build_partition() if shard_moments else None
         warn_if_dropout(pairs, stacklevel=4)  # _finish <- _setup* <- __init__ <- the user
+
+    def _build_partition(self) -> zero.Partition:
+        """Owners of the pairs and other parameters (`zero.py`), weighed by their state size in their mode."""
+        if any(is_sharded(p) for p in self._params()):
+            raise ValueError("shard_moments=True partitions the state of whole parameters (DDP); these parameters are "
+                             "DTensors (FSDP2), whose state is sharded with them already: leave shard_moments=False.")
+        group_of = self._group_of()
+        factors, units = set(), []
+        for pair in self._pairs:
+            (r, n), m = pair.A.flatten(1).shape, pair.B.shape[0]
+            full = self._options(pair, group_of[id(pair.A)])[0] == "full"
+            units.append(((pair.A, pair.B), m * n if full else r * (m + n)))
+            factors.update((id(pair.A), id(pair.B)))
+        units += [((p,), p.numel()) for p in self._params() if p.requires_grad and id(p) not in factors]
+        return zero.build_partition(units)
 
     @property
     def pairs(self) -> list[LoraProPair]:
         """The (layer, adapter, A, B) pairs this optimizer adjusts."""
-        return list(self._pairs)
+        return list(self._live_pairs())
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _group_of(self) -> dict[int, dict]:
+        return {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def _live_pairs(self) -> list[LoraProPair]:
+        """The pairs with the factors their layers hold now (`LoraProPair.current`): after `fully_shard` and
+        accelerate's swap of the optimizer's parameters, the new DTensor parameters."""
+        fresh = [pair.current() for pair in self._pairs]
+        if any(new is not old for new, old in zip(fresh, self._pairs)):
+            known = {id(p) for p in self._params()}
+            for pair in fresh:
+                if id(pair.A) not in known or id(pair.B) not in known:
+                    raise ValueError(
+                        f"The factors of {pair.describe()} were replaced after the optimizer was built (e.g. by "
+                        "fully_shard) and the optimizer does not hold the new ones: build the optimizer after "
+                        "fully_shard(model) (accelerate and transformers' Trainer swap its parameters themselves).")
+            self._pairs = fresh
+        return self._pairs
 
     def _lr_scale(self, step: int, group: dict) -> float:
         """Multiplier of the group's lr at `step` (1-based); 1 here, a schedule in `AdamWLoRAPro`."""
@@ -162,91 +189,82 @@ class LoraProAdamW(Optimizer):
                 opts.x_mode if group["x_mode"] is None else group["x_mode"],
                 opts.damping if group["damping"] is None else group["damping"])
 
+    def _owns(self, param: torch.Tensor) -> bool:
+        return self._partition is None or self._partition.owns(param)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimizer step: every pair with a gradient (LoRA-Pro), then the other parameters (AdamW).
 
         Pairs of one shape, dtype, options, scale, step count and param group are stepped together as a stack
-        (`_Batch`): on a GPU the step is bound by the launches of its many small kernels, ~100 per pair alone."""
+        (`batches.py`). With `shard_moments`, this rank steps the units it owns, then every rank broadcasts its own."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        batches = self._batches([p for p in self._pairs if p.A.grad is not None or p.B.grad is not None], group_of)
-        factors = {id(p) for pair in self._pairs for p in (pair.A, pair.B)}
+        pairs, group_of = self._live_pairs(), self._group_of()
+        if pairs and not any(id(pair.A) in group_of for pair in pairs):
+            raise ValueError(
+                "None of the LoRA factors this optimizer pairs is among its param_groups any more: something replaced "
+                "them (DeepSpeed ZeRO steps flat fp32 partitions of the parameters, which LoRA-Pro cannot pair; it "
+                "would train plain AdamW). Use DDP or FSDP2 for LoRA-Pro (docs/multi_gpu.md).")
+        todo = [p for p in pairs if (p.A.grad is not None or p.B.grad is not None) and self._owns(p.A)]
+        factors = {id(p) for pair in pairs for p in (pair.A, pair.B)}
         others = [(param, group) for group in self.param_groups for param in group["params"]  # groups added later
                   if param.grad is not None and id(param) not in factors]  # (add_param_group) too: plain AdamW
-        # nothing has changed yet: refuse (or skip) a step with a NaN/inf gradient, checked on the stacks
-        if not all_finite([t for b in batches for t in (b.gA, b.gB)] + [param.grad for param, _ in others]):
+        # nothing has changed yet: refuse (or skip) a step with a NaN/inf gradient, on every rank alike
+        if not self._grads_finite(pairs, others):
             if self.nonfinite == "skip":
                 self.skipped_steps += 1
                 return loss
             raise nonfinite_error(self._named_grads())
+        batches = make_batches(todo, group_of, self._options, lambda A: self.state.get(A, {}).get("step", 0))
+        gather(batches)  # FSDP2: A and gA whole
         # every batch's Gram matrices decomposed together (one batched eigh per rank/device, not two per pair)
-        grams = lp.grams_batched([(b.A, b.B) for b in batches], [b.damping for b in batches])
-        for batch, g in zip(batches, grams):
-            self._step_batch(batch, g)
+        for batch, g in zip(batches, grams(batches)):
+            step_batch(batch, g, _hyper(batch.group, self._lr_scale(batch.step + 1, batch.group)), self._moments)
         for param, group in others:
-            self._step_plain(param, group)
+            if self._owns(param):
+                self._step_plain(param, group)
+        if self._partition is not None:
+            self._partition.broadcast()
         return loss
+
+    def _grads_finite(self, pairs: list[LoraProPair], others: list) -> bool:
+        """Whether every gradient is finite on every rank: each rank checks its own (FSDP2: its shards; DDP: all,
+        the same on every rank), and the ranks of sharded pairs agree (one all-reduce)."""
+        grads = [local(p.grad) for pair in pairs for p in (pair.A, pair.B) if p.grad is not None]
+        finite = all_finite(grads + [local(param.grad) for param, _ in others])
+        groups, device = {}, None
+        for pair in pairs:
+            shards = pair_shards(pair.A, pair.B, pair.describe)
+            if shards is not None:
+                groups[id(shards.group)], device = shards.group, local(pair.A).device
+        for param, _ in others:  # e.g. a head under FSDP2
+            if is_sharded(param):
+                mesh, device = param.device_mesh, local(param).device
+                groups.update((id(g), g) for g in (mesh.get_group(d) for d in range(mesh.ndim)))
+        return agree_finite(finite, groups.values(), device)
 
     def _named_grads(self) -> list[tuple[str, torch.Tensor]]:
         """(how an error names it, gradient) of every parameter with a gradient."""
         names = {id(p): f"{role} of {pair.describe()}" for pair in self._pairs for role, p in (("A", pair.A),
                                                                                                ("B", pair.B))}
-        return [(names.get(id(p), f"parameter #{i} of param group #{j} (shape {tuple(p.shape)})"), p.grad)
+        return [(names.get(id(p), f"parameter #{i} of param group #{j} (shape {tuple(p.shape)})"), local(p.grad))
                 for j, g in enumerate(self.param_groups) for i, p in enumerate(g["params"]) if p.grad is not None]
 
-    def _batches(self, pairs: list[LoraProPair], group_of: dict) -> list[_Batch]:
-        """`pairs` grouped by everything their step depends on besides their values, each group stacked."""
-        members: dict[tuple, list] = {}
-        for pair in pairs:
-            group = group_of[id(pair.A)]
-            A, B = pair.matrices()  # (r, n), (m, r)
-            gA, gB = _grad(pair.A).flatten(1), _grad(pair.B).flatten(1)
-            key = (*self._options(pair, group), pair.scaling, id(group), self.state.get(pair.A, {}).get("step", 0),
-                   A.device, *((t.shape, t.dtype) for t in (A, B, gA, gB)))
-            members.setdefault(key, []).append((pair, A, B, gA, gB))
-        batches = []
-        for key, rows in members.items():
-            (mode, x_mode, damping, s, _, step), group = key[:6], group_of[id(rows[0][0].A)]
-            A, B, gA, gB = (torch.stack(ts) for ts in list(zip(*rows))[1:])  # (k, r, n), (k, m, r), alike
-            batches.append(_Batch([row[0] for row in rows], group, mode, x_mode, damping, s, step, A, B, gA, gB))
-        return batches
-
-    def _step_batch(self, batch: _Batch, g: lp.Grams) -> None:
-        """Step the k pairs of `batch` with `g`, the decomposed Grams of its stacked (A, B)."""
-        dtype, step = lp.compute_dtype(batch.A, batch.B), batch.step + 1
-        hp = _hyper(batch.group, self._lr_scale(step, batch.group))
-        args = (batch.A, batch.B, batch.gA, batch.gB, batch.s)
-        if batch.mode == "full":  # (m, n) moments stay per pair, never stacked
-            shape = torch.Size((batch.B.shape[-2], batch.A.shape[-1]))
-            states = [self._moments(pair.A, shape, dtype, batch.mode) for pair in batch.pairs]
-            new_A, new_B = lp.full_mode_step(*args, [st["exp_avg"] for st in states],
-                                             [st["exp_avg_sq"] for st in states], step, hp, batch.x_mode,
-                                             batch.damping, g)
-        else:
-            states_A = [self._moments(pair.A, batch.A.shape[1:], dtype, batch.mode) for pair in batch.pairs]
-            states_B = [self._moments(pair.B, batch.B.shape[1:], dtype, batch.mode) for pair in batch.pairs]
-            per_param = [[st[key] for st in sts] for sts in (states_A, states_B) for key in _MOMENTS]  # 4 lists of k
-            moments = tuple(torch.stack(ts) for ts in per_param)  # (k, r, n) x 2, (k, m, r) x 2: copies, stepped
-            new_A, new_B = lp.efficient_mode_step(*args, moments, step, hp, batch.x_mode, batch.damping, g)
-            torch._foreach_copy_([t for ts in per_param for t in ts], [t for m in moments for t in m.unbind(0)])
-            states = states_A + states_B
-        for st in states:
-            st["step"] = step
-        params = [pair.A for pair in batch.pairs] + [pair.B for pair in batch.pairs]
-        news = [*new_A.unbind(0), *new_B.unbind(0)]  # (r, n) x k, (m, r) x k
-        torch._foreach_copy_(params, [new.reshape(p.shape) for new, p in zip(news, params)])
-
-    def _moments(self, param: torch.Tensor, shape: torch.Size, dtype: torch.dtype, mode: str = "adamw") -> dict:
-        """The state of `param`, created at its first step: `step` and fp32 (fp64) moments of `shape`."""
+    def _moments(self, param: torch.Tensor, shape: Optional[torch.Size], dtype: torch.dtype,
+                 mode: str = "adamw") -> dict:
+        """The state of `param`, created at its first step: `step` and fp32 (fp64) moments of `shape` (global: a
+        DTensor sharded like the parameter's rows under FSDP2); `shape=None`: `step` only (B in full mode under
+        FSDP2, for torch.distributed.checkpoint, which wants an entry for every trainable parameter)."""
         state = self.state[param]
-        if not state:
+        if shape is None:
+            state.setdefault("step", 0)
+        elif not state:
             state["step"] = 0
             for key in _MOMENTS:
-                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+                state[key] = new_state(param, shape, dtype)
         elif state["exp_avg"].shape != shape:
             raise ValueError(
                 f"Invalid optimizer state for a parameter of shape {tuple(param.shape)}: exp_avg has shape "
@@ -259,26 +277,36 @@ class LoraProAdamW(Optimizer):
         state = self._moments(param, param.shape, lp.compute_dtype(param))
         state["step"] += 1
         hp = _hyper(group, self._lr_scale(state["step"], group))
-        direction = lp.adam_direction(state["exp_avg"], state["exp_avg_sq"], _grad(param), state["step"], hp)
-        param.copy_(lp.decoupled_update(param, direction, hp))
+        p = local(param)
+        direction = lp.adam_direction(local(state["exp_avg"]), local(state["exp_avg_sq"]), grad_of(param),
+                                      state["step"], hp)
+        p.copy_(lp.decoupled_update(p, direction, hp))
 
     def state_dict(self) -> dict:
-        """As `Optimizer.state_dict`, plus `skipped_steps` (steps skipped for non-finite gradients)."""
-        return {**super().state_dict(), "skipped_steps": self.skipped_steps}
+        """As `Optimizer.state_dict`, plus `skipped_steps` (steps skipped for non-finite gradients) and, with
+        `shard_moments`, the partition (`zero.py`: this rank's state only)."""
+        out = {**super().state_dict(), "skipped_steps": self.skipped_steps}
+        return out if self._partition is None else zero.record(out, self._partition, self._params())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As `Optimizer.load_state_dict`, but the moments keep their fp32 (fp64) dtype: torch would cast them to
-        the parameter's dtype (bf16 moments cannot represent v's decay). Restores `skipped_steps` (0 if absent)."""
+        the parameter's dtype (bf16 moments cannot represent v's decay). Restores `skipped_steps` (0 if absent).
+        With `shard_moments`: a state saved by this rank with the same partition, or an unsharded one (this rank
+        keeps its units' entries); anything else is a ValueError (`zero.check_loadable`)."""
+        zero.check_loadable(state_dict, self._partition, self._params())
         saved = state_dict["state"]
-        super().load_state_dict(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != zero.KEY})
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        params = [p for g in self.param_groups for p in g["params"]]
+        # the saved groups' parameter keys (indices; names from torch.distributed.checkpoint) in order -> parameters
+        param_of = dict(zip((k for g in state_dict["param_groups"] for k in g["params"]), self._params()))
         for index, entry in saved.items():
-            param = params[int(index)]
+            param = param_of[index]
             for key in _MOMENTS:
                 if key in entry:
                     self.state[param][key] = entry[key].to(device=param.device, dtype=lp.compute_dtype(entry[key]),
                                                            copy=True)
+        if self._partition is not None:
+            zero.drop_unowned(self.state, self._partition)
 
 
 def _validate_overrides(mode: Optional[str], x_mode: Optional[str], damping: Optional[float]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
 import torch
@@ -27,6 +27,7 @@ from ..tuners.lorapro.layer import (
     lora_matrices,
 )
 from ..tuners.tuners_utils import BaseTuner
+from .sharding import refuse_flattened_factor
 
 _DEFAULT_OPTIONS = LoraProOptions()
 
@@ -53,6 +54,12 @@ class LoraProPair:
     def scaling(self) -> float:
         """s of this adapter, read from the layer: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
         return float(self.layer.scaling[self.adapter_name])
+
+    def current(self) -> "LoraProPair":
+        """This pair with the factors its layer holds now: `fully_shard` (FSDP2) replaces each parameter by a new
+        DTensor parameter, and accelerate then swaps the optimizer's parameters to those."""
+        A, B = lora_factors(self.layer, self.adapter_name)
+        return self if (A is self.A and B is self.B) else replace(self, A=A, B=B)
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, n), B (m, r)) views of the factors."""
@@ -96,13 +103,20 @@ def _frozen_partner_error(adapter_name: str, where: str, A: torch.Tensor) -> Val
     )
 
 
+def _check_rank(layer: LoraLayer, adapter: str, where: str = "") -> None:
+    """`check_lorapro_rank`, after refusing factors that FSDP1 flattened (they have no rows to check)."""
+    for role, factor in zip("AB", lora_factors(layer, adapter)):
+        refuse_flattened_factor(factor, f"{role} of LoRA adapter {adapter!r} of {where or type(layer).__name__}")
+    check_lorapro_rank(layer, adapter, where)
+
+
 def _layer_pairs(layer: LoraLayer, where: str, name: str) -> list[LoraProPair]:
     pairs = []
     for adapter, A, B in _adapters(layer):
         if A.requires_grad != B.requires_grad:
             raise _frozen_partner_error(adapter, where, A)
         if A.requires_grad:
-            check_lorapro_rank(layer, adapter, where)
+            _check_rank(layer, adapter, where)
             pairs.append(LoraProPair(layer, adapter, A, B, name))
     return pairs
 
@@ -169,7 +183,7 @@ def pairs_from_parameters(params: Iterable[torch.Tensor]) -> list[LoraProPair]:
                 f"{'B' if role == 'A' else 'A'} is not among the parameters; pass both."
             )
         if id(pair.A) not in seen:
-            check_lorapro_rank(pair.layer, pair.adapter_name)
+            _check_rank(pair.layer, pair.adapter_name)
             seen.add(id(pair.A))
             pairs.append(pair)
     return pairs
@@ -216,7 +230,7 @@ def pairs_in_groups(groups: list[dict]) -> list[LoraProPair]:
                                  f"#{index} but its partner {other} {where}; LoRA-Pro steps A and B together, so give "
                                  "both to the same group.")
             if id(pair.A) not in seen:
-                check_lorapro_rank(pair.layer, pair.adapter_name)
+                _check_rank(pair.layer, pair.adapter_name)
                 seen.add(id(pair.A))
                 pairs.append(pair)
     if not pairs:

@@ -25,6 +25,14 @@ from torch import nn
 
 from ..tuners.loraga.context import LoraGAContext, normalize_name, unwrap_model
 from ..tuners.loraga.data import estimation_batches, estimation_dataloader
+from ..tuners.loraga.distributed import (
+    OwnedGradients,
+    check_parallel_setup,
+    is_dtensor,
+    local,
+    reduce_to_owners,
+    reshard,
+)
 from ..tuners.loraga.offload import block_offload
 from ..tuners.loraga.saving import INIT_SUBFOLDER, save_loraga_model_final, save_loraga_model_init
 
@@ -32,6 +40,7 @@ __all__ = [
     "INIT_SUBFOLDER",
     "LoraGACallback",  # noqa: F822 (module __getattr__ below: imports transformers on first use)
     "LoraGAContext",
+    "OwnedGradients",
     "estimate_gradient",
     "estimation_batches",
     "estimation_dataloader",
@@ -134,28 +143,40 @@ class _Accumulator:
         self.on_cpu = on_cpu
 
     def hook(self, param: torch.Tensor) -> None:
-        grad = param.grad.detach()
+        # an FSDP2-sharded weight's gradient is a DTensor (this rank's shard, averaged over the ranks): sum its shard
+        source = local(param.grad.detach())
         # to the CPU in the gradient's own dtype (half the bytes of fp32 for bf16), summed there in fp32
-        grad = grad.to("cpu") if self.on_cpu else grad
+        grad = source.to("cpu") if self.on_cpu else source
         key = id(param)
         if key in self.sums:
             self.sums[key].add_(grad)  # in-place add promotes a bf16 gradient to the fp32 sum's precision
-        else:  # keep the first (fp32) gradient itself, no copy, unless it views a shared buffer (DDP bucket views)
-            first = grad.to(torch.float32)
-            shared = param.grad._is_view() and first.data_ptr() == param.grad.data_ptr()
+        else:  # keep the first (fp32) gradient itself, no copy, unless it views a shared buffer (DDP bucket views,
+            first = grad.to(torch.float32)  # FSDP2's reduce-scatter output)
+            shared = source._is_view() and first.data_ptr() == source.data_ptr()
             self.sums[key] = first.clone() if shared else first
         self.counts[key] = self.counts.get(key, 0) + 1
         param.grad = None
 
+    def nbytes(self) -> int:
+        """Bytes of the running sums held by this process (this rank's shards under FSDP2)."""
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
     def result(self, count: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """name -> sum / count (default: per weight, the number of backward passes that reached it); call once."""
+        """name -> sum / count (default: per weight, the number of backward passes that reached it); call once.
+        A sharded weight's entry is a DTensor of the weight's layout around this rank's shard of the sum."""
         out = {}
         for key, param in self.params.items():
             total = self.sums.get(key)
             if total is None:
-                total = torch.zeros(param.shape, dtype=torch.float32, device="cpu" if self.on_cpu else param.device)
+                total = torch.zeros(local(param).shape, dtype=torch.float32,
+                                    device="cpu" if self.on_cpu else local(param).device)
             divisor = count if count is not None else self.counts.get(key, 1)
             total.div_(max(divisor, 1))  # in place: the sums are not used afterwards
+            if is_dtensor(param):
+                from torch.distributed.tensor import DTensor
+
+                total = DTensor.from_local(total, param.device_mesh, param.placements, run_check=False,
+                                           shape=param.shape, stride=param.stride())
             for name in self.names[key]:
                 out[name] = total
         return out
@@ -182,13 +203,20 @@ def _all_reduce_mean(named: dict[str, torch.Tensor], count: int, device: Optiona
 def estimate_gradient(
     model: nn.Module, dataloader: Iterable, accelerator=None, quant_flag: bool = False, origin_type: str = "bf16",
     quant_type: str = "nf4", no_split_module_classes: Optional[Sequence[str]] = None, peft_config=None,
-    iters: Optional[int] = None,
+    iters: Optional[int] = None, reduce_to: str = "all",
 ) -> dict[str, torch.Tensor]:
     """Module name -> average over the batches of `dL/dW` for that module's weight (shaped like the stored weight,
     fp32, on the CPU): the `G` of LoRA-GA (arXiv 2407.05000, eq. 8). Runs forward+backward on at most `iters`
     batches (default: `peft_config.iters` if given, else all), in train mode, with gradients on the adaptable
-    weights only (every supported layer, or the targets of `peft_config`), and all-reduces the mean across
-    processes. `requires_grad`, train/eval modes, existing `.grad`s and hooks are restored on exit.
+    weights only (every supported layer, or the targets of `peft_config`), and averages across processes,
+    weighting each by its number of batches. `requires_grad`, train/eval modes, existing `.grad`s and hooks are
+    restored on exit.
+
+    Several processes (docs/loraga.md, "Large models: several GPUs"): `reduce_to="all"` all-reduces the means, every
+    process gets every one; `reduce_to="owner"` reduces each to the one process that will run its SVD and returns
+    an `OwnedGradients` holding this process's share only. A weight sharded by FSDP2's `fully_shard` gets a DTensor
+    entry (fp32, the weight's layout, on its device): each process sums its own shard of the gradient FSDP has
+    averaged, nothing is gathered (every process must run the same number of batches, as for any FSDP step).
 
     `quant_flag=True` runs the float model block by block with CPU offload (see `peft.tuners.loraga.offload`):
     same gradients, an accelerator footprint of one chunk of blocks plus activations."""
@@ -198,14 +226,22 @@ def estimate_gradient(
         iters = getattr(peft_config, "iters", None)
     if iters is not None and (not isinstance(iters, int) or iters <= 0):
         raise ValueError(f"Invalid iters={iters!r}: expected a positive int or None.")
+    if reduce_to not in ("all", "owner"):
+        raise ValueError(f"Invalid reduce_to={reduce_to!r}: expected 'all' or 'owner'.")
+    check_parallel_setup(model, ())  # FSDP1, before unwrapping hides it
     runner = accelerator.unwrap_model(model) if accelerator is not None else model
     if isinstance(runner, nn.parallel.DistributedDataParallel):  # its reducer expects every weight's gradient:
         runner = runner.module  # run the module itself; the mean is all-reduced once, below
     plain = unwrap_model(runner)
+    reshard(runner)  # FSDP2: hook the sharded weights, not the unsharded ones a forward pass may have left
     modules = supported_weight_modules(plain, peft_config)
     if not modules:
         raise ValueError("No layer to estimate gradients for: the model has no Linear/Conv1D/Embedding/Conv2d "
                          "weight" + (" matching peft_config's targets." if peft_config is not None else "."))
+    check_parallel_setup(plain, [m.weight for m in modules.values()])
+    if quant_flag and any(is_dtensor(m.weight) for m in modules.values()):
+        raise ValueError("quant_flag=True (block offload) does not apply to an FSDP2-sharded model: each process "
+                         "already holds only its shard; use quant_flag=False.")
     device = _exec_device(plain, accelerator, quant_flag)
     main = accelerator.is_main_process if accelerator is not None else _rank() == 0
     count = 0
@@ -220,11 +256,26 @@ def estimate_gradient(
             count += 1
     if count == 0:
         raise ValueError("The estimation dataloader yielded no batch; LoRA-GA needs at least one.")
-    named = _all_reduce_mean(acc.result(count), count, getattr(accelerator, "device", None))
-    silent = [n for n in named if acc.sums.get(id(modules[n].weight)) is None]
+    silent = [n for n in modules if acc.sums.get(id(modules[n].weight)) is None]
     if silent:
         warnings.warn(f"No gradient reached {silent[:5]}{' ...' if len(silent) > 5 else ''}; their entries are zero.")
-    return {name: grad.cpu() for name, grad in named.items()}
+    return _across_processes(acc, count, reduce_to, getattr(accelerator, "device", None))
+
+
+def _across_processes(acc: "_Accumulator", count: int, reduce_to: str, device: Optional[torch.device]) -> dict:
+    """The accumulator's means over all processes' batches: FSDP2 shards as they are (FSDP averaged them already);
+    the others all-reduced (`reduce_to="all"`, CPU tensors) or reduced onto their owners (`"owner"`)."""
+    named = acc.result(count)
+    acc.sums.clear()  # `named` holds the only reference: a reduction frees what this process does not keep
+    sharded = {name: grad for name, grad in named.items() if is_dtensor(grad)}
+    replicated = {name: grad for name, grad in named.items() if not is_dtensor(grad)}
+    del named
+    if reduce_to == "owner" and _world_size() > 1:
+        owned = reduce_to_owners(replicated, count)
+        owned.update(sharded)
+        return owned
+    replicated = _all_reduce_mean(replicated, count, device)
+    return {**{name: grad.cpu() for name, grad in replicated.items()}, **sharded}
 
 
 @contextlib.contextmanager
@@ -250,6 +301,12 @@ def _len_or_none(obj) -> Optional[int]:
         return len(obj)
     except TypeError:
         return None
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _rank() -> int:

@@ -74,6 +74,16 @@ def test_loraga_llama_metamath(argv, tmp_path):
         assert res["final_adapter_max_abs_diff"] < 1e-4
 
 
+@needs_loraga
+@pytest.mark.skipif(os.name == "nt", reason="gloo file:// rendezvous and spawn: POSIX only")
+def test_loraga_fsdp2_two_processes(tmp_path):
+    """2 gloo processes, FSDP2: init keeps the output; the adapter saved from the shards reloads equal in 1 process."""
+    res = _script("loraga_fsdp2").main(["--smoke", "--output-dir", str(tmp_path)])
+    assert res["world"] == 2 and res["init_max_abs_diff"] < 1e-5 and res["reload_max_abs_diff"] < 1e-5
+    assert res["grad_bytes_rank"] * 2 == res["grad_bytes_total"]  # each rank summed half of the gradients
+    assert (tmp_path / "adapter_config.json").is_file()
+
+
 @needs_lorapro
 @pytest.mark.parametrize("mode", ["full", "efficient"])
 def test_lorapro_llama_metamath(mode, tmp_path):

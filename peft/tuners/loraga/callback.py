@@ -46,6 +46,7 @@ class LoraGACallback(TrainerCallback):
         self.adapter_name = adapter_name
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        _refuse_deepspeed(args)
         tuner, name = _loraga_tuner(model, self.adapter_name)
         if name in init_record(tuner):
             return control
@@ -121,3 +122,18 @@ def _numpy():
 
 
 __all__ = ["LoraGACallback"]
+
+
+def _refuse_deepspeed(args) -> None:
+    """Under DeepSpeed ZeRO the optimizer steps its own fp32 master copy of A and B, which the in-place
+    initialisation cannot reach (ZeRO-2: the init is overwritten at step 1 while the base stays offset; ZeRO-3: the
+    weights are partitioned). Refuse instead of training the wrong thing."""
+    import os
+
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise ValueError(
+            "LoraGACallback does not work under DeepSpeed ZeRO: DeepSpeed keeps its own fp32 master copy of the LoRA "
+            "factors (ZeRO-2 overwrites the LoRA-GA init at the first step, ZeRO-3 partitions the weights). Use DDP "
+            "or FSDP2 (docs/multi_gpu.md), or initialise before DeepSpeed wraps the model (estimate_gradient + "
+            "LoraGAContext, then train)."
+        )

@@ -47,6 +47,12 @@ def normalize_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
+def by_plain_name(named_grad: dict) -> dict:
+    """`named_grad` keyed by `normalize_name`; owner-only gradients (`distributed.OwnedGradients`) keep their type."""
+    rekeyed = getattr(named_grad, "rekeyed", None)
+    return rekeyed(normalize_name) if callable(rekeyed) else {normalize_name(k): v for k, v in named_grad.items()}
+
+
 class LoraGAContext:
     """Context manager: inside it, `get_peft_model(model, LoraGAConfig(...))` initialises from `named_grad`.
 
@@ -70,7 +76,7 @@ class LoraGAContext:
         target = unwrap_model(self.model)
         if _open_context(target) is not None:
             raise RuntimeError("A LoraGAContext is already open for this model; nested contexts are not supported.")
-        self._target, self._grads = target, {normalize_name(k): v for k, v in self.named_grad.items()}
+        self._target, self._grads = target, by_plain_name(self.named_grad)
         _OPEN.append(self)
         return self
 
@@ -107,7 +113,7 @@ def consume_gradient(model: nn.Module, name: str) -> None:
 def register_gradients(model: nn.Module, named_grad: dict[str, torch.Tensor]) -> None:
     """Make `named_grad` the pending gradients of `model` until an initialisation uses them, or the model is
     garbage collected (the upstream `preprocess_loraga` route, which has no context manager)."""
-    _PENDING[unwrap_model(model)] = {normalize_name(k): v for k, v in named_grad.items()}
+    _PENDING[unwrap_model(model)] = by_plain_name(named_grad)
 
 
 def forget_gradients(model: nn.Module) -> None:

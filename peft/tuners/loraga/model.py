@@ -3,12 +3,14 @@
 For each adapted layer with weight W (viewed as (m, n) = (out, in)) and gradient G: A, B from the SVD of G
 (`init_math.lora_ga_factors`), stored in the adapter's dtype, then `W <- W - s B A` computed in fp32 from A and B
 as stored and rounded once, so the model's output is unchanged at init. The gradients come from the open
-`LoraGAContext` (or `preprocess_loraga`) for the model; nothing is kept on the layers afterwards.
+`LoraGAContext` (or `preprocess_loraga`) for the model; nothing is kept on the layers afterwards. With
+owner-only or sharded gradients, or an FSDP2-sharded model, `distributed.init_factors` runs each SVD on one rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Iterator, Optional
 
@@ -17,9 +19,9 @@ from torch import nn
 
 from ..lora.layer import LoraLayer
 from ..lora.model import LoraModel
-from . import quant
+from . import distributed, quant
 from .config import LoraGAInitOptions
-from .context import active_gradients, consume_gradient, forget_gradients, normalize_name
+from .context import active_gradients, by_plain_name, consume_gradient, forget_gradients, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
 from .provenance import fingerprint
 
@@ -65,26 +67,69 @@ def _float_weight(base: nn.Module) -> torch.Tensor:
     return quant.dequantize(base) if quant.is_quantized(base) else base.weight.data
 
 
+def stored_dtype(param: torch.Tensor, options: LoraGAInitOptions) -> torch.dtype:
+    """The dtype A and B are stored in: `options.dtype`'s half dtype, else the adapter parameter's own."""
+    return _DTYPES[options.dtype][1] or param.dtype
+
+
+def check_factors(layer: LoraLayer, adapter_name: str, grad_shape: tuple, options: LoraGAInitOptions,
+                  name: str = "this layer") -> None:
+    """What `compute_factors` would refuse, from shapes only (the distributed init runs it on every rank before any
+    communication): the gradient's shape, `2r <= min(m, n)`, and a dtype change of FSDP2-sharded factors."""
+    base, kind = layer.get_base_layer(), _kind(layer)
+    shape = tuple(_float_weight(base).shape) if quant.is_quantized(base) else tuple(base.weight.shape)
+    if tuple(grad_shape) != shape:
+        raise ValueError(f"The gradient for {name!r} has shape {tuple(grad_shape)}, its weight {shape}.")
+    rows, cols = shape[0], math.prod(shape[1:])
+    check_rank(layer.r[adapter_name], *((cols, rows) if kind in ("conv1d", "embedding") else (rows, cols)),
+               name=repr(name))
+    sharded = [p for p in factor_params(layer, adapter_name)
+               if distributed.is_dtensor(p) and p.dtype != stored_dtype(p, options)]
+    if sharded:
+        raise ValueError(f"LoRA-GA dtype={options.dtype!r} would change the dtype of {name!r}'s factors, which "
+                         f"FSDP2 has sharded in {sharded[0].dtype}: cast the adapter before fully_shard, or use "
+                         "dtype='fp32'.")
+
+
+def compute_factors(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
+                    name: str = "this layer", weight: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of `adapter_name` for `layer` from the SVD of `grad` (full, shaped like the stored weight), exactly as
+    they will be stored (the parameters' shapes, `stored_dtype`); the layer is not touched. `weight`: the full base
+    weight (stored layout) where the layer holds a shard of it; only scale="weightS" reads it."""
+    base, kind = layer.get_base_layer(), _kind(layer)
+    r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
+    compute, _ = _DTYPES[options.dtype]
+    device = distributed.local(base.weight).device
+    G = to_matrix(grad.to(device=device), kind)  # (m, n)
+    W = None
+    if options.scale == "weightS":
+        W = to_matrix((_float_weight(base) if weight is None else weight).to(device), kind)  # (m, n)
+    A, B = lora_ga_factors(G, r, scaling, options.direction, options.scale, options.stable_gamma, weight=W,
+                           compute_dtype=compute)  # (r, n), (m, r)
+    param_A, param_B = factor_params(layer, adapter_name)
+    return (A.reshape(param_A.shape).to(stored_dtype(param_A, options)),  # rounded to the stored dtype here ...
+            B.reshape(param_B.shape).to(stored_dtype(param_B, options)))
+
+
+def write_factors(layer: LoraLayer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Copy A, B (stored shapes and dtypes, as `compute_factors` gives them) into the adapter's parameters: the same
+    Parameter objects, a new dtype in place of their data if it differs; into this rank's shard under FSDP2."""
+    with torch.no_grad():
+        for param, value in zip(factor_params(layer, adapter_name), (A, B)):
+            if distributed.is_dtensor(param):
+                distributed.copy_into(param, value.to(param.device))
+                continue
+            if param.dtype != value.dtype:  # the parameter (and any reference to it) stays the same
+                param.data = param.data.to(value.dtype)
+            param.copy_(value)
+
+
 def set_factors(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, options: LoraGAInitOptions,
                 name: str = "this layer") -> None:
     """A, B of `adapter_name` on `layer` from the SVD of `grad` (shaped like the stored weight); base untouched."""
-    base, kind = layer.get_base_layer(), _kind(layer)
-    weight = _float_weight(base)  # stored layout
-    if tuple(grad.shape) != tuple(weight.shape):
-        raise ValueError(f"The gradient for {name!r} has shape {tuple(grad.shape)}, its weight {tuple(weight.shape)}.")
-    r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
-    W = to_matrix(weight, kind)  # (m, n)
-    check_rank(r, *W.shape, name=repr(name))
-    compute, store = _DTYPES[options.dtype]
-    G = to_matrix(grad.to(device=weight.device), kind)
-    A, B = lora_ga_factors(G, r, scaling, options.direction, options.scale, options.stable_gamma,
-                           weight=W if options.scale == "weightS" else None, compute_dtype=compute)
-    param_A, param_B = factor_params(layer, adapter_name)
-    with torch.no_grad():
-        if store is not None:  # in place of the data: the parameters (and any reference to them) stay the same
-            param_A.data, param_B.data = param_A.data.to(store), param_B.data.to(store)
-        param_A.copy_(A.reshape(param_A.shape))  # rounded to the adapter's dtype here ...
-        param_B.copy_(B.reshape(param_B.shape))
+    check_factors(layer, adapter_name, tuple(grad.shape), options, name)
+    write_factors(layer, adapter_name, *compute_factors(layer, adapter_name, grad, options, name))
 
 
 def offset_base(layer: LoraLayer, adapter_name: str,
@@ -95,9 +140,12 @@ def offset_base(layer: LoraLayer, adapter_name: str,
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     param_A, param_B = factor_params(layer, adapter_name) if factors is None else factors
     with torch.no_grad():
-        param_A, param_B = param_A.to(base.weight.device), param_B.to(base.weight.device)
+        device = distributed.local(base.weight).device
+        param_A, param_B = (distributed.full(p).to(device) for p in (param_A, param_B))
         stored_A, stored_B = param_A.reshape(r, -1), param_B.reshape(-1, r)  # (r, n), (m, r) as stored
-        if quant.is_quantized(base):
+        if distributed.is_dtensor(base.weight):
+            distributed.offset_shard(base.weight, kind, stored_A, stored_B, scaling)
+        elif quant.is_quantized(base):
             delta = scaling * (stored_B.float() @ stored_A.float())  # (m, n) == (out, in) for bnb Linear
             quant.requantize_residual(base, delta)
         else:
@@ -162,16 +210,22 @@ def offsets_after_injection(tuner) -> Iterator[None]:
     has succeeded, so a failed `get_peft_model` / `add_adapter` (missing gradient, rank too large, ...) leaves the
     base weights as they were. The `preprocess_loraga` gradients are dropped after the offsets."""
     pending: list[tuple[LoraLayer, str, str]] = []
-    tuner.__dict__["_loraga_pending"] = pending
+    deferred: list[tuple[str, LoraLayer, str, LoraGAInitOptions]] = []  # A, B from the collective init, at the end
+    tuner.__dict__["_loraga_pending"], tuner.__dict__["_loraga_deferred"] = pending, deferred
     try:
         yield
     finally:
         tuner.__dict__.pop("_loraga_pending", None)
+        tuner.__dict__.pop("_loraga_deferred", None)
+    factors = {}
+    if deferred:  # one injection: one adapter name, one config
+        factors = distributed.init_factors([(key, layer) for key, layer, _, _ in deferred], deferred[0][2],
+                                           active_gradients(tuner.model), deferred[0][3])
     for adapter_name in {adapter_name for _, adapter_name, _ in pending}:  # a new init of that name starts afresh
         _forget_init(tuner, adapter_name)
     for layer, adapter_name, key in pending:
-        offset_base(layer, adapter_name)
-        _remember_init(tuner, layer, adapter_name, key)
+        offset_base(layer, adapter_name, factors=factors.get(key))
+        _remember_init(tuner, layer, adapter_name, key, factors=factors.get(key))
     if pending:  # estimated on the base before its offset: leftovers must not initialise a later adapter
         forget_gradients(tuner.model)
 
@@ -193,15 +247,24 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
         if config.init_lora_weights == "lora_ga":  # the layer was built with init False (random B): use the default
             layer.reset_lora_parameters(adapter_name, True)
         return
-    name = normalize_name(key)
-    if name not in grads:
-        sample = sorted(grads)[:5]
-        raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover {len(grads)} modules "
-                         f"(e.g. {sample}). Estimate with the same model and targets (peft_config=...).")
+    name, names = normalize_name(key), distributed.gradient_names(grads)
+    if name not in names:
+        raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover {len(names)} modules "
+                         f"(e.g. {names[:5]}). Estimate with the same model and targets (peft_config=...).")
     _check_own_weight(tuner.model, layer, key)
     options = LoraGAInitOptions.from_any(config.lora_ga_config if _is_upstream_spelling(config) else config)
-    set_factors(layer, adapter_name, grads[name], options, name=key)
     pending = tuner.__dict__.get("_loraga_pending")
+    if distributed.is_distributed(grads, [layer.get_base_layer().weight]):  # the collective init, after injecting
+        deferred = tuner.__dict__.get("_loraga_deferred")
+        if pending is not None and deferred is not None:
+            pending.append((layer, adapter_name, key))
+            deferred.append((key, layer, adapter_name, options))
+            return
+        factors = distributed.init_factors([(key, layer)], adapter_name, grads, options)[key]
+        offset_base(layer, adapter_name, factors=factors)
+        _remember_init(tuner, layer, adapter_name, key, factors=factors)
+        return
+    set_factors(layer, adapter_name, grads[name], options, name=key)
     if pending is not None:
         pending.append((layer, adapter_name, key))
     else:
@@ -245,31 +308,39 @@ class LoraGAModel(LoraModel):
         """LoRA-GA init of an existing adapter that has not been initialised yet (built with no gradients waiting):
         A and B from `named_grad` (as `estimate_gradient` returns), copied into the same Parameter objects (an
         optimizer that already holds them sees the init), then every base weight offset. All-or-nothing: on an error
-        A, B and the base weights are as they were."""
+        A, B and the base weights are as they were. On an FSDP2-sharded model (DTensor gradients from
+        `estimate_gradient` on it) or with owner-only gradients, a collective: every process calls it (each SVD runs on
+        one of them; docs/loraga.md, "Large models: several GPUs")."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Unknown adapter {adapter_name!r}; available adapters: {sorted(self.peft_config)}.")
         if adapter_name in init_record(self):
             raise ValueError(f"Adapter {adapter_name!r} is already LoRA-GA initialised (its base weights are offset);"
                              " initialising again would offset them twice.")
         options = LoraGAInitOptions.from_any(self.peft_config[adapter_name])
-        grads = {normalize_name(k): v for k, v in named_grad.items()}
-        layers = self.adapter_layers(adapter_name)
+        grads = by_plain_name(named_grad)
+        distributed.reshard(self.model)  # FSDP2: write the sharded parameters (a forward leaves the root unsharded)
+        layers, names = self.adapter_layers(adapter_name), distributed.gradient_names(grads)
         for key, layer in layers:
-            if normalize_name(key) not in grads:
+            if normalize_name(key) not in names:
                 raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover "
-                                 f"{len(grads)} modules (e.g. {sorted(grads)[:5]}).")
+                                 f"{len(names)} modules (e.g. {names[:5]}).")
             _check_own_weight(self.model, layer, key)
-        saved = [(p, p.data.clone()) for _, layer in layers for p in factor_params(layer, adapter_name)]
-        try:
-            for key, layer in layers:
-                set_factors(layer, adapter_name, grads[normalize_name(key)], options, name=key)
-        except Exception:
-            for param, data in saved:
-                param.data = data
-            raise
+        factors = {}
+        # owner-only or sharded gradients, or a sharded model: each SVD on one rank, A and B broadcast
+        if distributed.is_distributed(grads, [layer.get_base_layer().weight for _, layer in layers]):
+            factors = distributed.init_factors(layers, adapter_name, grads, options)
+        else:
+            saved = [(p, p.data.clone()) for _, layer in layers for p in factor_params(layer, adapter_name)]
+            try:
+                for key, layer in layers:
+                    set_factors(layer, adapter_name, grads[normalize_name(key)], options, name=key)
+            except Exception:
+                for param, data in saved:
+                    param.data = data
+                raise
         for key, layer in layers:
-            offset_base(layer, adapter_name)
-            _remember_init(self, layer, adapter_name, key)
+            offset_base(layer, adapter_name, factors=factors.get(key))
+            _remember_init(self, layer, adapter_name, key, factors=factors.get(key))
         forget_gradients(self.model)  # preprocess_loraga leftovers predate the offset
 
     def adapter_to_save(self, adapter_name: str, weights: dict, config) -> tuple[dict, object]:

@@ -33,18 +33,33 @@ costs little.
 Batches: every function takes stacks too, A (..., r, n), B (..., m, r) and the gradients alike, for layers of one
 shape (the optimizer steps them together: on a GPU the step is bound by kernel launches, not by flops). Each
 matrix of a stack is computed as it would be alone (floors included: they are per matrix).
+
+Row shards (FSDP2 shards B on its m rows): B, gB and the (m, n) moments may be this process's rows only, with A
+and gA whole (gathered: (r, n) is small), when the functions get `row_sum`, a function summing a tensor over the
+processes (an all-reduce), and the Grams the summed `B^T B` (`grams_batched(..., b_grams=)`). Every product that
+contracts over m (`B^T B`, `B^T gB`, `B^T U`) is a sum over the row shards, so it is formed from the local rows and
+summed: r x r or r x n numbers; everything with an m dimension (gB', g~, U, the moments) is row-local, computed
+from the local rows and the whole (r, ...) matrices exactly as the single-process rows are. `a_rows`: the rows of A
+this process updates (its shard of A). `row_sum=None` is one process, where the sums are the local products.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
 XMode = Literal["sylvester", "zero", "symmetric"]
 X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetric")
+RowSum = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over B's row shards (an all-reduce)
+ALL_ROWS = slice(None)
+
+
+def _summed(t: torch.Tensor, row_sum: Optional[RowSum]) -> torch.Tensor:
+    """`t` (a product contracting over m, from this process's rows of B) summed over the row shards."""
+    return t if row_sum is None else row_sum(t)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -127,29 +142,48 @@ def _per_matrix(dampings: list[float], like: torch.Tensor) -> float | torch.Tens
     return torch.tensor(dampings, dtype=like.dtype, device=like.device)[:, None]
 
 
-def grams_batched(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings: Sequence[float]) -> list[Grams]:
+def gram_b(B: torch.Tensor) -> torch.Tensor:
+    """`B^T B` (..., r, r) in `solve_dtype` for B (..., m, r): with B's rows sharded, this process's share of it."""
+    B = B.to(solve_dtype(B.device))
+    return B.mT @ B
+
+
+def grams_batched(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dampings: Sequence[float],
+    b_grams: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> list[Grams]:
     """`grams(A, B, d)` for many (A (..., r, n), B (..., m, r), d) at once (stacks allowed), in `solve_dtype`.
 
     The Gram matrices of all the pairs that share r and device are stacked, `(2, K, r, r)`, and decomposed by
     one batched `eigh` call: on a GPU one solver launch and one synchronisation for all the layers of a model instead
-    of two per layer (each `eigh` call waits for its error check)."""
+    of two per layer (each `eigh` call waits for its error check). `b_grams`: `B^T B` (..., r, r) per pair, or None
+    to form it from B (given: B is a row shard and this is the sum of `gram_b` over the shards)."""
     if len(factors) != len(dampings):
         raise ValueError(f"Got {len(factors)} factor pairs and {len(dampings)} dampings; expected one per pair.")
+    b_grams = [None] * len(factors) if b_grams is None else list(b_grams)
     groups: dict[tuple, list[int]] = {}
     for i, (A, _) in enumerate(factors):
         groups.setdefault((A.shape[-2], A.device), []).append(i)
     out: list[Grams | None] = [None] * len(factors)
     for (_, device), index in groups.items():
         dtype = solve_dtype(device)
-        pairs = [(factors[i][0].to(dtype), factors[i][1].to(dtype)) for i in index]
-        r, batches = pairs[0][0].shape[-2], [A.shape[:-2] for A, _ in pairs]
-        mats = torch.stack([torch.cat([(B.mT @ B).reshape(-1, r, r) for _, B in pairs]),  # (2, K, r, r)
-                            torch.cat([(A @ A.mT).reshape(-1, r, r) for A, _ in pairs])])
+        As = [factors[i][0].to(dtype) for i in index]
+        bbs = [gram_b(factors[i][1]) if b_grams[i] is None else b_grams[i].to(dtype) for i in index]
+        r, batches = As[0].shape[-2], [A.shape[:-2] for A in As]
+        mats = torch.stack([torch.cat([bb.reshape(-1, r, r) for bb in bbs]),  # (2, K, r, r)
+                            torch.cat([(A @ A.mT).reshape(-1, r, r) for A in As])])
         per_matrix = [dampings[i] for i, batch in zip(index, batches) for _ in range(batch.numel())]
         g, start = _decompose(mats, _per_matrix(per_matrix, mats)), 0  # fields (K, r, r) / (K, r)
         for i, batch in zip(index, batches):
             out[i], start = g.rows(start, start + batch.numel(), batch), start + batch.numel()
     return out  # type: ignore[return-value]
+
+
+def _local_grams(A: torch.Tensor, B: torch.Tensor, damping: float, row_sum: Optional[RowSum]) -> Grams:
+    """`grams(A, B, damping)`, with `B^T B` summed over B's row shards when `row_sum` is given."""
+    if row_sum is None:
+        return grams(A, B, damping)
+    return grams_batched([(A, B)], [damping], [row_sum(gram_b(B))])[0]
 
 
 def solve_sylvester(g: Grams, C: torch.Tensor) -> torch.Tensor:
@@ -201,7 +235,7 @@ def _addmm(x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, beta: float = 1.
 
 def adjust(
     g: Grams, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
-    x_mode: XMode = "sylvester",
+    x_mode: XMode = "sylvester", row_sum: Optional[RowSum] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper eq. 8 with the Grams of (A, B) already decomposed; all inputs in one compute dtype, the result in it
     too. Returns `(gA' (..., r, n), gB' (..., m, r))`, with `Binv = (B^T B)^+`, `Ainv = (A A^T)^+` (damped):
@@ -210,7 +244,8 @@ def adjust(
         gB' = (1/s^2) (gB - B Binv B^T gB) Ainv - B X = (1/s^2) gB Ainv - B ((1/s^2) Binv (B^T gB) Ainv + X)
 
     The projector is applied as `Y - B (Binv (B^T Y))` with its (r, r) parts grouped first: no (m, m) matrix, and
-    four products with a dimension m or n (besides those of `choose_x`).
+    four products with a dimension m or n (besides those of `choose_x`). Row shards (`row_sum`, module docstring):
+    `B^T gB` is summed; gA' comes out whole, gB' row-local.
 
     Precision: everything up to the (r, r) matrices X and `inner = (1/s^2) Binv (B^T gB) Ainv + X`, and gA' (where
     `Binv`, large when B is nearly rank-deficient, meets the (r, n) gradient), is computed in the Grams' dtype
@@ -220,14 +255,14 @@ def adjust(
     A64, B64, gA64, gB64 = (t.to(g.binv.dtype) for t in (A, B, gA, gB))
     X = choose_x(A64, gA64, s, g, x_mode)  # (..., r, r)
     new_gA = _addmm(X @ A64, g.binv, gA64, alpha=1.0 / s**2)  # (..., r, n)
-    inner = g.binv @ (B64.mT @ gB64) @ g.ainv / s**2 + X  # (..., r, r)
+    inner = g.binv @ _summed(B64.mT @ gB64, row_sum) @ g.ainv / s**2 + X  # (..., r, r)
     new_gB = _addmm(B @ inner.to(out), gB, g.ainv.to(out), beta=-1.0, alpha=1.0 / s**2)  # (..., m, r)
     return new_gA.to(out), new_gB
 
 
 def adjusted_gradients(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
-    x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
+    x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None, row_sum: Optional[RowSum] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-Pro's adjusted gradients (paper eq. 8 with X from `choose_x`): returns `(gA' (..., r, n), gB' (..., m, r))`.
 
@@ -235,7 +270,7 @@ def adjusted_gradients(
     Grams of (A, B) with `damping` if already decomposed (`grams_batched`)."""
     dtype = compute_dtype(A, B, gA, gB)
     A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
-    return adjust(grams(A, B, damping) if g is None else g, A, B, gA, gB, s, x_mode)
+    return adjust(_local_grams(A, B, damping, row_sum) if g is None else g, A, B, gA, gB, s, x_mode, row_sum)
 
 
 def equivalent_gradient(
@@ -304,7 +339,8 @@ def _full_space_direction(
     exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, hp: AdamHyper,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of `full_mode_step` before the second adjustment, for (adjusted) gA, gB: the LoRA gradients
-    `(s B^T U, s U A^T)` of the Adam direction U of `g~ = s B gA + s gB A` (moments updated in place)."""
+    `(s B^T U, s U A^T)` of the Adam direction U of `g~ = s B gA + s gB A` (moments updated in place). With B's rows
+    sharded, g~, U and the moments are row-local and `s B^T U` is this process's share (summed by the caller)."""
     g_tilde = equivalent_gradient(A, B, gA, gB, s)  # (..., m, n), X-free (projection)
     in_place = g_tilde if g_tilde.dtype == exp_avg.dtype else None  # U overwrites g~ (read first): no 2nd (m, n)
     U = adam_direction(exp_avg, exp_avg_sq, g_tilde, step, hp, out=in_place).to(A.dtype)  # (..., m, n)
@@ -315,6 +351,7 @@ def full_mode_step(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     exp_avg: torch.Tensor | Sequence[torch.Tensor], exp_avg_sq: torch.Tensor | Sequence[torch.Tensor], step: int,
     hp: AdamHyper, x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
+    row_sum: Optional[RowSum] = None, a_rows: slice = ALL_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the paper's Algorithm 2 (LoRA-Pro with AdamW): returns the new `(A, B)` in the compute dtype.
 
@@ -325,32 +362,38 @@ def full_mode_step(
 
     `g`: the Grams of (A, B) with `damping` if already decomposed (`grams_batched`). For a stack of k pairs
     (A (k, r, n), ...) the moments may be two sequences of k (m, n) tensors: steps 1-3 then run one pair at a time
-    (no (k, m, n) tensor is made), the adjustments and the update once for the stack."""
+    (no (k, m, n) tensor is made), the adjustments and the update once for the stack.
+
+    Row shards (module docstring): B, gB and the moments this process's rows, A and gA whole, `g` from the summed
+    `B^T B`; returns this process's rows of A (`a_rows`) and of B. Three sums per step: `B^T gB` twice (r, r) and
+    `B^T U` (r, n), one each for the whole stack."""
     dtype = compute_dtype(A, B, gA, gB)
     A, B, gA, gB = (t.to(dtype) for t in (A, B, gA, gB))
     if g is None:  # A and B do not change within the step: one decomposition serves both adjustments
-        g = grams(A, B, damping)
-    gA, gB = adjust(g, A, B, gA, gB, s, "zero")
+        g = _local_grams(A, B, damping, row_sum)
+    gA, gB = adjust(g, A, B, gA, gB, s, "zero", row_sum)  # gA' whole, gB' row-local
     if isinstance(exp_avg, torch.Tensor):
         uA, uB = _full_space_direction(A, B, gA, gB, s, exp_avg, exp_avg_sq, step, hp)
     else:
         pairs = [_full_space_direction(*args, s, m, v, step, hp)
                  for *args, m, v in zip(A, B, gA, gB, exp_avg, exp_avg_sq, strict=True)]
         uA, uB = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # (k, r, n), (k, m, r)
-    new_gA, new_gB = adjust(g, A, B, uA, uB, s, x_mode)
-    return decoupled_update(A, new_gA, hp), decoupled_update(B, new_gB, hp)
+    new_gA, new_gB = adjust(g, A, B, _summed(uA, row_sum), uB, s, x_mode, row_sum)
+    return decoupled_update(A[..., a_rows, :], new_gA[..., a_rows, :], hp), decoupled_update(B, new_gB, hp)
 
 
 def efficient_mode_step(
     A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, s: float,
     moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], step: int, hp: AdamHyper,
     x_mode: XMode = "sylvester", damping: float = 0.0, g: Grams | None = None,
+    row_sum: Optional[RowSum] = None, a_rows: slice = ALL_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjust once (eq. 8), then ordinary AdamW on each factor: LoRA's memory (moments (r, n) and (m, r)).
 
     `moments` = (exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B), fp32, updated in place; `g` as in
-    `full_mode_step`."""
-    new_gA, new_gB = adjusted_gradients(A, B, gA, gB, s, x_mode, damping, g)
-    dir_A = adam_direction(moments[0], moments[1], new_gA, step, hp).to(new_gA.dtype)
+    `full_mode_step`. Row shards as there: the moments of A are those of its rows `a_rows`, B's of its local rows;
+    one sum per step (`B^T gB`)."""
+    new_gA, new_gB = adjusted_gradients(A, B, gA, gB, s, x_mode, damping, g, row_sum)
+    dir_A = adam_direction(moments[0], moments[1], new_gA[..., a_rows, :], step, hp).to(new_gA.dtype)
     dir_B = adam_direction(moments[2], moments[3], new_gB, step, hp).to(new_gB.dtype)
-    return decoupled_update(A, dir_A, hp), decoupled_update(B, dir_B, hp)
+    return decoupled_update(A[..., a_rows, :], dir_A, hp), decoupled_update(B, dir_B, hp)
