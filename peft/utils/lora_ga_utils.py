@@ -35,11 +35,13 @@ from ..tuners.loraga.distributed import (
 )
 from ..tuners.loraga.offload import block_offload
 from ..tuners.loraga.saving import INIT_SUBFOLDER, save_loraga_model_final, save_loraga_model_init
+from ..tuners.loraga.sketch import LowRankGradient, estimate_low_rank
 
 __all__ = [
     "INIT_SUBFOLDER",
     "LoraGACallback",  # noqa: F822 (module __getattr__ below: imports transformers on first use)
     "LoraGAContext",
+    "LowRankGradient",
     "OwnedGradients",
     "estimate_gradient",
     "estimation_batches",
@@ -85,9 +87,11 @@ def _resolve_config(model: nn.Module, peft_config):
     return helper._prepare_adapter_config(config, _model_config_dict(model))
 
 
-def supported_weight_modules(model: nn.Module, peft_config=None) -> dict[str, nn.Module]:
+def supported_weight_modules(model: nn.Module, peft_config=None, quantized: bool = False) -> dict[str, nn.Module]:
     """Normalized module name -> module, for every layer whose weight LoRA can adapt (or only `peft_config`'s
-    targets). Adapter layers (`lora_*`, `modules_to_save` copies) never count; a wrapped layer counts once."""
+    targets). Adapter layers (`lora_*`, `modules_to_save` copies) never count; a wrapped layer counts once.
+    `quantized=True` also counts bitsandbytes Linear4bit / Linear8bitLt layers (the `low_rank` estimation)."""
+    from ..tuners.loraga.quant import is_quantized
     from ..tuners.target_matching import is_target
 
     plain = unwrap_model(model)
@@ -95,7 +99,8 @@ def supported_weight_modules(model: nn.Module, peft_config=None) -> dict[str, nn
     found: dict[str, nn.Module] = {}
     for name, module in plain.named_modules():
         parts = name.split(".")
-        if any(p.startswith("lora_") or p in _MACHINERY for p in parts) or not _supported(module):
+        if any(p.startswith("lora_") or p in _MACHINERY for p in parts) or not (
+                _supported(module) or (quantized and is_quantized(module))):
             continue
         key = normalize_name(name)
         if config is not None and not is_target(config, key):
@@ -203,7 +208,8 @@ def _all_reduce_mean(named: dict[str, torch.Tensor], count: int, device: Optiona
 def estimate_gradient(
     model: nn.Module, dataloader: Iterable, accelerator=None, quant_flag: bool = False, origin_type: str = "bf16",
     quant_type: str = "nf4", no_split_module_classes: Optional[Sequence[str]] = None, peft_config=None,
-    iters: Optional[int] = None, reduce_to: str = "all",
+    iters: Optional[int] = None, reduce_to: str = "all", low_rank: Optional[int] = None, passes: int = 3,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Module name -> average over the batches of `dL/dW` for that module's weight (shaped like the stored weight,
     fp32, on the CPU): the `G` of LoRA-GA (arXiv 2407.05000, eq. 8). Runs forward+backward on at most `iters`
@@ -219,7 +225,21 @@ def estimate_gradient(
     averaged, nothing is gathered (every process must run the same number of batches, as for any FSDP step).
 
     `quant_flag=True` runs the float model block by block with CPU offload (see `peft.tuners.loraga.offload`):
-    same gradients, an accelerator footprint of one chunk of blocks plus activations."""
+    same gradients, an accelerator footprint of one chunk of blocks plus activations.
+
+    `low_rank=k` (issue 14): never forms an m x n gradient; returns name -> `LowRankGradient` (`U S Vh ~ G`, the
+    same mean, in the stored weight's layout, `to_dense()` gives the tensor the exact path returns) from a streamed
+    randomized range finder on the targets' inputs X and output gradients delta (`peft.tuners.loraga.sketch`).
+    No parameter requires grad meanwhile; per target only k(m + n) numbers are held. `passes` forward+backward
+    passes over the batches: pass 1 sums `Y = G Omega = sum delta^T (X Omega)` (Omega: n x k Gaussian from
+    `torch.Generator().manual_seed(seed)`, the same on every rank), pass 2 `Z = G^T Q = sum X^T (delta Q)` with
+    `Q = orth(Y)`, then `G ~ Q Z^T` and the SVD of a k x k matrix; each extra pass is one more product with G
+    or G^T on the re-orthonormalised last result (a power iteration every two passes; more accurate when the
+    spectrum decays slowly). Exact when k >= rank(G). The batches of the first pass are cached (at most `iters`
+    of them) and replayed, so a generator works and every pass sees the same batches. Each pass's sums are
+    all-reduced across processes (weighted by their numbers of batches), so every rank gets the same factors.
+    Supported targets: Linear (also bitsandbytes 4-bit / 8-bit bases, without `quant_flag`), Conv1D, Embedding;
+    a targeted Conv2d is refused. LoRA-GA needs k >= 2r (checked at the init)."""
     from tqdm.auto import tqdm
 
     if iters is None and peft_config is not None:
@@ -233,6 +253,9 @@ def estimate_gradient(
     if isinstance(runner, nn.parallel.DistributedDataParallel):  # its reducer expects every weight's gradient:
         runner = runner.module  # run the module itself; the mean is all-reduced once, below
     plain = unwrap_model(runner)
+    if low_rank is not None:
+        return _low_rank_branch(runner, plain, dataloader, accelerator, quant_flag or reduce_to != "all",
+                                peft_config, iters, low_rank, passes, seed)
     reshard(runner)  # FSDP2: hook the sharded weights, not the unsharded ones a forward pass may have left
     modules = supported_weight_modules(plain, peft_config)
     if not modules:
@@ -260,6 +283,20 @@ def estimate_gradient(
     if silent:
         warnings.warn(f"No gradient reached {silent[:5]}{' ...' if len(silent) > 5 else ''}; their entries are zero.")
     return _across_processes(acc, count, reduce_to, getattr(accelerator, "device", None))
+
+
+def _low_rank_branch(runner, plain, dataloader, accelerator, unsupported: bool, peft_config, iters, low_rank,
+                     passes, seed) -> dict[str, LowRankGradient]:
+    """`estimate_gradient(low_rank=k)`: the streamed range finder of `peft.tuners.loraga.sketch`."""
+    if unsupported:
+        raise ValueError("low_rank=... needs neither quant_flag (it runs on quantized bases directly) nor "
+                         "reduce_to='owner' (every process gets the small factors): leave them at their defaults.")
+    modules = supported_weight_modules(plain, peft_config, quantized=True)
+    if not modules:
+        raise ValueError("No layer to estimate gradients for: the model has no target Linear/Conv1D/Embedding.")
+    return estimate_low_rank(runner, plain, modules, dataloader, low_rank, passes, seed, iters,
+                             _exec_device(plain, accelerator), accelerator, _loss_of, _to_device,
+                             _freeze_all_but, _restore, getattr(accelerator, "device", None))
 
 
 def _across_processes(acc: "_Accumulator", count: int, reduce_to: str, device: Optional[torch.device]) -> dict:

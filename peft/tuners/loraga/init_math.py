@@ -95,17 +95,29 @@ def lora_ga_factors(
     grad: torch.Tensor, r: int, scaling: float, direction: str = "ArB2r", scale: str = "stable",
     stable_gamma: float = 16, weight: Optional[torch.Tensor] = None, svd: str = "auto",
     generator: Optional[torch.Generator] = None, compute_dtype: torch.dtype = torch.float32,
+    svd_factors: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r, n) and B (m, r) from the gradient G (m, n), in `compute_dtype` (singular values not used).
 
-    `weight` (m, n) is needed for scale="weightS" only."""
+    `weight` (m, n) is needed for scale="weightS" only. `svd_factors`: G's top singular triplets `(U (m, k), S (k,),
+    Vh (k, n))` already known (a `LowRankGradient` from `estimate_gradient(low_rank=k)`, S descending, U and Vh
+    orthonormal): used instead of an SVD of `grad` (then pass `grad=None`); needs k >= 2r."""
     if direction not in DIRECTIONS:
         raise ValueError(f"Invalid direction {direction!r}: expected one of {DIRECTIONS}.")
     if scale not in SCALES:
         raise ValueError(f"Invalid scale {scale!r}: expected one of {SCALES}.")
-    m, n = grad.shape
-    check_rank(r, m, n)
-    U, _, Vh = top_svd(grad.to(compute_dtype), 2 * r, svd)  # (m, 2r), (2r,), (2r, n)
+    if svd_factors is not None:
+        U, S, Vh = svd_factors
+        m, n = U.shape[0], Vh.shape[1]
+        check_rank(r, m, n)
+        if S.shape[0] < 2 * r:
+            raise ValueError(f"LoRA-GA needs the top 2r={2 * r} singular triplets of the gradient, but the low-rank "
+                             f"gradient has k={S.shape[0]} < 2r={2 * r}: estimate with low_rank >= {2 * r}.")
+        U, Vh = U[:, :2 * r].to(compute_dtype), Vh[:2 * r].to(compute_dtype)
+    else:
+        m, n = grad.shape
+        check_rank(r, m, n)
+        U, _, Vh = top_svd(grad.to(compute_dtype), 2 * r, svd)  # (m, 2r), (2r,), (2r, n)
     idx_A, idx_B = direction_indices(r, direction, generator)
     A, B = Vh[idx_A], U[:, idx_B]  # (r, n), (m, r)
     sigma_W = None

@@ -24,6 +24,7 @@ from .config import LoraGAInitOptions
 from .context import active_gradients, by_plain_name, consume_gradient, forget_gradients, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
 from .provenance import fingerprint
+from .sketch import LowRankGradient
 
 # LoraGAConfig.dtype -> (precision of the SVD and init math, dtype A and B are stored in; None: the adapter's own)
 _DTYPES = {"fp32": (torch.float32, None), "fp64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16),
@@ -101,12 +102,16 @@ def compute_factors(layer: LoraLayer, adapter_name: str, grad: torch.Tensor, opt
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     compute, _ = _DTYPES[options.dtype]
     device = distributed.local(base.weight).device
-    G = to_matrix(grad.to(device=device), kind)  # (m, n)
+    G = factors = None
+    if isinstance(grad, LowRankGradient):  # estimate_gradient(low_rank=k): G's SVD is already known
+        factors = tuple(t.to(device) for t in grad.matrix_factors(kind))
+    else:
+        G = to_matrix(grad.to(device=device), kind)  # (m, n)
     W = None
     if options.scale == "weightS":
         W = to_matrix((_float_weight(base) if weight is None else weight).to(device), kind)  # (m, n)
     A, B = lora_ga_factors(G, r, scaling, options.direction, options.scale, options.stable_gamma, weight=W,
-                           compute_dtype=compute)  # (r, n), (m, r)
+                           compute_dtype=compute, svd_factors=factors)  # (r, n), (m, r)
     param_A, param_B = factor_params(layer, adapter_name)
     return (A.reshape(param_A.shape).to(stored_dtype(param_A, options)),  # rounded to the stored dtype here ...
             B.reshape(param_B.shape).to(stored_dtype(param_B, options)))
