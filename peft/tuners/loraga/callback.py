@@ -23,7 +23,8 @@ import torch
 from transformers import TrainerCallback
 
 from .config import LoraGAConfig
-from .model import LoraGAModel, factor_params, init_record
+from .layout import factor_params
+from .model import LoraGAModel, init_record
 
 
 class LoraGACallback(TrainerCallback):

@@ -294,7 +294,8 @@ def init_factors(layers: list[tuple[str, "LoraLayer"]], adapter_name: str, grads
     and broadcast; written into every rank's A and B (its shard under FSDP2) once all are computed. Returns key ->
     (A, B) in full (stored shapes and dtypes), for the offsets and the init record. A collective: every rank calls it
     with the same `layers` in the same order; a bad target raises on every rank before any communication."""
-    from .model import check_factors, compute_factors, factor_params, stored_dtype, write_factors
+    from .layout import factor_params
+    from .model import check_factors, compute_factors, stored_dtype, write_factors
 
     dist = _dist()
     weights = {key: layer.get_base_layer().weight for key, layer in layers}

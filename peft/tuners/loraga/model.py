@@ -23,45 +23,13 @@ from . import distributed, quant
 from .config import LoraGAInitOptions
 from .context import active_gradients, by_plain_name, consume_gradient, forget_gradients, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
+from .layout import _kind, factor_params, from_matrix, to_matrix
 from .provenance import fingerprint
 from .sketch import LowRankGradient
 
 # LoraGAConfig.dtype -> (precision of the SVD and init math, dtype A and B are stored in; None: the adapter's own)
 _DTYPES = {"fp32": (torch.float32, None), "fp64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16),
            "fp16": (torch.float32, torch.float16)}
-
-
-# --- views of a layer's weight and factors as the (m, n) / (r, n) / (m, r) matrices of the paper ---------------
-def _kind(layer: LoraLayer) -> str:
-    base = layer.get_base_layer()
-    if isinstance(base, nn.Embedding):
-        return "embedding"
-    if isinstance(base, nn.Conv2d):
-        return "conv2d"
-    return "conv1d" if layer.fan_in_fan_out else "linear"
-
-
-def to_matrix(stored: torch.Tensor, kind: str) -> torch.Tensor:
-    """Stored weight (or gradient) -> (m, n): Conv1D / Embedding transpose, Conv2d flattens the kernel."""
-    if kind in ("conv1d", "embedding"):
-        return stored.T
-    if kind == "conv2d":
-        return stored.flatten(1)
-    return stored
-
-
-def from_matrix(matrix: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_matrix`: (m, n) -> the stored layout of `like`."""
-    if kind in ("conv1d", "embedding"):
-        return matrix.T.contiguous()
-    return matrix.reshape(like.shape)
-
-
-def factor_params(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored A and B tensors of `adapter_name` (Embedding: the ParameterDict entries)."""
-    if adapter_name in layer.lora_embedding_A:
-        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
-    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
 
 
 def _float_weight(base: nn.Module) -> torch.Tensor:
