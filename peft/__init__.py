@@ -12,7 +12,8 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import PeftConfig
-from .mapping import get_peft_model, inject_adapter_in_model
+from .functional import get_base_model_state_dict, set_base_model_state_dict
+from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
 from .mixed_model import PeftMixedModel
 from .peft_model import PeftModel
 from .peft_model_tasks import (
@@ -25,6 +26,7 @@ from .peft_model_tasks import (
 )
 from .registry import register_peft_method
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lora.init_methods import LoftQConfig
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
 from .tuners.lorapro import LoraProConfig, LoraProModel
@@ -38,6 +40,7 @@ from .tuners.prompt_learning import (
 )
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
 register_peft_method(name="lorapro", config_cls=LoraProConfig, model_cls=LoraProModel, prefix="lora_")
@@ -51,6 +54,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
     "LoraGAModel",
@@ -74,6 +78,12 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
+    "get_base_model_state_dict",
+    "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
@@ -81,6 +91,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "preprocess_loraga",
     "register_peft_method",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "LoraGACallback",
 ]

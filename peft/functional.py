@@ -124,12 +124,129 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
                     param.data = param.data.to(torch.float32)
 
 
+def keep_base_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
+    """`autocast_adapter_dtype=False`: adapter `adapter_name`'s float weights take their base layer's fp16/bf16
+    dtype (layers create them in fp32 for such bases). Quantized and fp32/fp64 bases keep the adapter as created."""
+    for _, module in _adapter_modules(model):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_LOW:
+            continue
+        for param in _adapter_params(module, adapter_name):
+            if param.is_floating_point():
+                param.data = param.data.to(weight.dtype)
+
+
+def materialize_adapter(model: nn.Module, adapter_name: str) -> int:
+    """Give adapter `adapter_name`'s weights that sit on `meta` (created with `low_cpu_mem_usage=True`) real
+    zero-filled storage on their base layer's device, keeping dtype and `requires_grad`; the caller then loads the
+    values. Zeros, not garbage: a weight the state dict does not fill leaves the adapter a no-op. Returns how many
+    tensors were materialised."""
+    count = 0
+    for _, module in _adapter_modules(model):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else torch.device("cpu")
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                if item.is_meta:
+                    container[adapter_name] = nn.Parameter(torch.zeros_like(item, device=device),
+                                                           requires_grad=item.requires_grad)
+                    count += 1
+                continue
+            for sub in item.modules():
+                for name, param in list(sub.named_parameters(recurse=False)):
+                    if param.is_meta:
+                        setattr(sub, name, nn.Parameter(torch.zeros_like(param, device=device),
+                                                        requires_grad=param.requires_grad))
+                        count += 1
+    return count
+
+
+def _adapter_params(module: BaseTunerLayer, adapter_name: str) -> list[nn.Parameter]:
+    params = []
+    for attr in module.adapter_layer_names:
+        container = getattr(module, attr, None)
+        if container is None or adapter_name not in container:
+            continue
+        item = container[adapter_name]
+        params.extend([item] if isinstance(item, nn.Parameter) else item.parameters())
+    return params
+
+
+def _base_key(root: nn.Module, key: str) -> Optional[str]:
+    """The key `key` (of `root.state_dict()`) had before adapters were injected, or None when it belongs to an
+    adapter. Walks the modules: inside a tuner layer only `base_layer` is the original (its name dropped); inside an
+    auxiliary wrapper only `original_module` is (dropped too), or a tuner layer around it (trainable tokens)."""
+    parts, kept, module = key.split("."), [], root
+    for i, part in enumerate(parts):
+        child = module._modules.get(part) if module is not None else None
+        if child is None:  # a parameter or buffer: the wrappers' own ones belong to adapters
+            wrapper = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+            return None if wrapper else ".".join(kept + parts[i:])
+        if isinstance(module, BaseTunerLayer):
+            if part != "base_layer":
+                return None
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            if part != "original_module" and not isinstance(child, BaseTunerLayer):
+                return None
+        else:
+            kept.append(part)
+        module = child
+    return ".".join(kept)
+
+
+def _base_key_map(model: nn.Module) -> dict[str, str]:
+    """{original key: key in the wrapped model} over the base model's own parameters and buffers."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mapping = {}
+    for key in root.state_dict():
+        original = _base_key(root, key)
+        if original is not None:
+            mapping.setdefault(original, key)
+    return mapping
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original keys (no `base_layer` / `original_module` infixes, no
+    adapter tensors), from a `PeftModel` or a model with injected adapters. Merged adapters are part of the weights."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = root.state_dict()
+    return {original: state[key] for original, key in _base_key_map(model).items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load `state_dict` (original keys, as `get_base_model_state_dict` gives) into the wrapped base model; adapter
+    weights are untouched. `strict=True`: missing or unexpected keys raise RuntimeError before anything loads.
+    Returns `(missing_keys, unexpected_keys)` like `nn.Module.load_state_dict`."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mapping = _base_key_map(model)
+    unexpected = [k for k in state_dict if k not in mapping]
+    missing = [k for k in mapping if k not in state_dict]
+    if strict and (missing or unexpected):
+        problems = ([f"Missing key(s) {missing}"] if missing else []) + (
+            [f"Unexpected key(s) {unexpected}"] if unexpected else [])
+        raise RuntimeError(f"Error(s) in loading the base model state_dict: {'; '.join(problems)}. Nothing was loaded.")
+    root.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
+    return torch.nn.modules.module._IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
 __all__ = [
     "cast_adapter_dtype",
     "delete_adapter",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "keep_base_adapter_dtype",
+    "materialize_adapter",
     "set_adapter",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "set_requires_grad",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -22,6 +23,7 @@ from .utils.save_and_load import (
     save_adapter_folder,
     set_peft_model_state_dict,
 )
+from .utils.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .utils.transformers_weight_conversion import convert_adapter_state_dict
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -44,7 +46,9 @@ class PeftModel(nn.Module):
         self._prepare_config(peft_config, model)
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
-        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
+        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
+        self._apply_adapter_dtype(adapter_name, autocast_adapter_dtype)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5 spelling
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -100,6 +104,33 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    def _apply_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """True (upstream's default): adapters of fp16/bf16 bases stay in fp32, as the layers create them (a dtype a
+        tuner chose on purpose, e.g. LoRA-GA's `dtype`, is kept); False: they take the base layer's fp16/bf16 dtype."""
+        from .functional import keep_base_adapter_dtype
+
+        if not autocast_adapter_dtype:
+            keep_base_adapter_dtype(self.get_base_model(), adapter_name)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside `disable_adapter()` (or after `disable_adapter_layers()`), or with no active adapter."""
+        layers = [m for _, m in self.base_model.tuner_layers()]
+        return bool(self.active_adapters) and not (layers and all(m.disable_adapters for m in layers))
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload adapter", private: Optional[bool] = None,
+                    token: Optional[str] = None, **save_kwargs) -> Any:
+        """Save the adapter(s) to a temporary folder and upload it to the Hub repo `repo_id` (created if needed)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+
     # --- parameters ---------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight stores two values per byte of its storage dtype."""
@@ -112,14 +143,24 @@ class PeftModel(nn.Module):
             trainable += n if param.requires_grad else 0
         return trainable, total
 
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One status record per adapter layer (see `peft.utils.status.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapter layers' statuses summarised (see `peft.utils.status.get_model_status`)."""
+        return get_model_status(self)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         share = 100 * trainable / max(total, 1)
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # --- adapters -----------------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Inject a further adapter; the active adapter stays what it was."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Inject a further adapter; the active adapter stays what it was. `low_cpu_mem_usage=True`: its weights
+        are created on `meta` (load them before use, e.g. with `load_adapter`)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
@@ -131,7 +172,9 @@ class PeftModel(nn.Module):
         snapshot = _requires_grad_snapshot(self)
         self.peft_config[adapter_name] = peft_config
         try:
-            self.base_model.inject_adapter(self.get_base_model(), adapter_name)
+            with self.base_model.adapter_weights_on_meta(low_cpu_mem_usage):
+                self.base_model.inject_adapter(self.get_base_model(), adapter_name)
+            self._apply_adapter_dtype(adapter_name, autocast_adapter_dtype)
         except Exception:
             self._remove_adapter_quietly(adapter_name, snapshot)
             raise
@@ -156,13 +199,21 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self):
         """Context manager: inside, the model computes exactly the base model's outputs. On exit the adapters
-        are back on and every `requires_grad` flag is what it was (a frozen adapter stays frozen)."""
+        are as they were before: on, or still off when they were all off (nested contexts, or after
+        `disable_adapter_layers()`); every `requires_grad` flag is what it was (a frozen adapter stays frozen). With
+        some layers on and others off there is no single state to restore: a warning, and all are on after it."""
+        states = {m.disable_adapters for _, m in self.base_model.tuner_layers()}
+        if len(states) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled; "
+                          "after the disable_adapter context all of them will be enabled.")
+        all_disabled = states == {True}
         snapshot = _requires_grad_snapshot(self)
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if not all_disabled:
+                self.base_model.enable_adapter_layers()
             _restore_requires_grad(self, snapshot)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -196,11 +247,20 @@ class PeftModel(nn.Module):
         save_form = adapter_save_form(self, names, kwargs)  # upstream's save keywords: tuners/loraga/conversion.py
         if not is_main_process:
             return
+        os.makedirs(save_directory, exist_ok=True)
+        self.create_or_update_model_card(save_directory)
         for name in names:
             weights, config = self._adapter_state_dict_for_save(name, state_dict), self.peft_config[name]
             weights, config = save_form(name, weights, config)  # e.g. LoRA-GA's form for the original base
             save_adapter_folder(folders[name], weights, config, safe_serialization=safe_serialization,
                                 write_config=lambda folder, config=config: self._save_config(config, folder))
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write (or update) `output_dir/README.md`: the card's metadata gets `library_name: peft`, the adapter's
+        tags and `base_model`; a user's existing text and metadata are kept."""
+        from .utils.other import update_model_card
+
+        update_model_card(self, output_dir)
 
     def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict]) -> dict:
         return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name)
@@ -239,7 +299,8 @@ class PeftModel(nn.Module):
 
             model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type.value, cls)
         snapshot = _requires_grad_snapshot(model)
-        peft_model = model_cls(model, config, adapter_name)
+        peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             peft_model._load_weights(weights, adapter_name, is_trainable, kwargs.get("ignore_mismatched_sizes", False),
                                      unpaired=unpaired)
@@ -271,7 +332,8 @@ class PeftModel(nn.Module):
                 commit()
             return result
         snapshot = _requires_grad_snapshot(self)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             result = self._load_weights(weights, adapter_name, is_trainable, ignore_mismatched_sizes, unpaired)
             if is_trainable:
@@ -283,7 +345,10 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, weights: dict, adapter_name: str, is_trainable: bool, ignore_mismatched_sizes=False,
                       unpaired: Optional[str] = None):
+        from .functional import materialize_adapter
+
         weights = convert_adapter_state_dict(self.get_base_model(), weights)  # transformers v5 renamed modules
+        materialize_adapter(self.get_base_model(), adapter_name)  # low_cpu_mem_usage: meta -> zeros, then loaded
         result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes, unpaired=unpaired)
         if not is_trainable:
@@ -343,4 +408,5 @@ def _refuse_mixed_batch(kwargs: dict) -> None:
         )
 
 
-__all__ = ["PeftModel", "ModulesToSaveWrapper"]
+__all__ = ["PeftModel", "ModulesToSaveWrapper", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",
+           "get_model_status"]

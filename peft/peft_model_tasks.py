@@ -10,7 +10,9 @@ from .utils.constants import TASK_TYPE_TO_HEAD_MODULES
 
 
 class _HeadTrainingMixin:
-    """Adds the task's head names (e.g. `classifier`, `score`) to `modules_to_save` so the head trains."""
+    """Adds the task's head names (e.g. `classifier`, `score`) to `modules_to_save` so the head trains (all of them,
+    as upstream, when `task_type` names the task: missing ones are then optional). Used directly with another
+    `task_type`, only the heads the model has are added, so a model without a head is accepted (as upstream)."""
 
     task_key: str = ""
 
@@ -18,8 +20,13 @@ class _HeadTrainingMixin:
         heads = TASK_TYPE_TO_HEAD_MODULES.get(self.task_key, [])
         if not heads or not hasattr(peft_config, "modules_to_save"):
             return
+        names = {key.rsplit(".", 1)[-1] for key, _ in model.named_modules() if key}
         current = list(peft_config.modules_to_save or [])
-        peft_config.modules_to_save = current + [h for h in heads if h not in current]
+        if getattr(peft_config.task_type, "value", peft_config.task_type) != self.task_key:  # heads not optional
+            heads = [h for h in heads if h in names]  # there, so add only those the model has
+        added = [h for h in heads if h not in current]
+        if added:
+            peft_config.modules_to_save = current + added
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -81,9 +81,9 @@ def test_unknown_keys_are_dropped_with_a_warning_and_unsupported_features_refuse
     with pytest.warns(UserWarning, match="brand_new_option"):
         config = PeftConfig.from_pretrained(tmp_path)
     assert not hasattr(config, "brand_new_option")
-    data["use_dora"] = True
+    data["use_qalora"] = True
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="use_dora=True"):
+    with pytest.raises(ValueError, match="use_qalora=True"):
         PeftConfig.from_pretrained(tmp_path)
 
 

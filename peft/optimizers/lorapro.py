@@ -23,7 +23,7 @@ from . import zero
 from .batches import MOMENTS as _MOMENTS
 from .batches import gather, grad_of, grams, make_batches, step_batch
 from .nonfinite import all_finite, nonfinite_error, validate_nonfinite
-from .pairs import LoraProPair, lorapro_pairs, pairs_in_groups, warn_if_dropout
+from .pairs import LoraProPair, lorapro_pairs, pairs_in_groups, refuse_expert_stacks, warn_if_dropout
 from .sharding import agree_finite, is_sharded, local, new_state, pair_shards, refuse_fsdp1
 
 
@@ -132,6 +132,7 @@ class LoraProAdamW(Optimizer):
         self._finish(pairs_in_groups(self.param_groups), nonfinite, shard_moments)
 
     def _finish(self, pairs: list[LoraProPair], nonfinite: str, shard_moments: bool) -> None:
+        refuse_expert_stacks(pairs)
         self._pairs = pairs
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..tuners.lora.layer import LoraLayer, live_lora_layers
+from ..tuners.lora.param_wrapper import ParamWrapper, expert_factors, stack_factors
 from ..tuners.lorapro import math as lp
 from ..tuners.lorapro.layer import (
     LoraProLayer,
@@ -51,6 +52,11 @@ class LoraProPair:
         return _DEFAULT_OPTIONS
 
     @property
+    def num_experts(self) -> int:
+        """E > 1 for LoRA on a fused 3-D expert stack (`ParamWrapper`): E independent (A_e, B_e) pairs in one."""
+        return num_experts(self.layer)
+
+    @property
     def scaling(self) -> float:
         """s of this adapter, read from the layer: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
         return float(self.layer.scaling[self.adapter_name])
@@ -62,12 +68,20 @@ class LoraProPair:
         return self if (A is self.A and B is self.B) else replace(self, A=A, B=B)
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (r, n), B (m, r)) views of the factors."""
+        """(A (r, n), B (m, r)) views of the factors; for an expert stack (A (E, r, n), B (E, m, r))."""
+        if self.num_experts > 1:
+            A, B = lora_factors(self.layer, self.adapter_name)
+            return expert_factors(A.detach(), B.detach(), self.num_experts)
         return lora_matrices(self.layer, self.adapter_name)
 
     def adjusted_gradients(self, grad_A: torch.Tensor, grad_B: torch.Tensor, x_mode: str, damping: float,
                            grams: Optional[lp.Grams] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """LoRA-Pro's `(gA', gB')` (paper eq. 8), shaped like the factors."""
+        """LoRA-Pro's `(gA', gB')` (paper eq. 8), shaped like the factors; per expert for an expert stack."""
+        if self.num_experts > 1:
+            A, B = self.matrices()  # (E, r, n), (E, m, r)
+            gA, gB = expert_factors(grad_A, grad_B, self.num_experts)
+            new_gA, new_gB = lp.adjusted_gradients(A, B, gA, gB, self.scaling, x_mode, damping, grams)
+            return stack_factors(new_gA, new_gB)
         return lora_adjusted_gradients(self.layer, self.adapter_name, grad_A, grad_B, x_mode, damping, grams)
 
     def describe(self) -> str:
@@ -79,6 +93,23 @@ class LoraProPair:
         A, B = self.matrices()
         return (f"a {type(self.layer).__name__} layer with update shape {tuple(B.shape[:1]) + tuple(A.shape[1:])} "
                 f"(adapter {self.adapter_name!r})")
+
+
+def num_experts(layer: LoraLayer) -> int:
+    """How many independent updates a layer's factors hold: E for a 3-D `ParamWrapper`, else 1."""
+    return int(getattr(layer, "num_experts", 1)) if isinstance(layer, ParamWrapper) else 1
+
+
+def refuse_expert_stacks(pairs: list["LoraProPair"]) -> None:
+    """`LoraProAdamW` steps each pair as one (m, n) matrix; an expert stack is E of them: refuse it (the gradient
+    hook, `register_lorapro_adjustment`, adjusts expert stacks per expert)."""
+    stacks = [pair for pair in pairs if pair.num_experts > 1]
+    if stacks:
+        raise ValueError(
+            f"LoraProAdamW does not step LoRA on fused expert stacks yet: {stacks[0].describe()} holds "
+            f"{stacks[0].num_experts} experts (target_parameters on a 3-D parameter). Use "
+            "register_lorapro_adjustment(model) with a plain optimizer, or leave these parameters out of the "
+            "optimizer's LoRA-Pro pairs.")
 
 
 def _module_name(layer: nn.Module) -> str:
@@ -107,6 +138,12 @@ def _check_rank(layer: LoraLayer, adapter: str, where: str = "") -> None:
     """`check_lorapro_rank`, after refusing factors that FSDP1 flattened (they have no rows to check)."""
     for role, factor in zip("AB", lora_factors(layer, adapter)):
         refuse_flattened_factor(factor, f"{role} of LoRA adapter {adapter!r} of {where or type(layer).__name__}")
+    if num_experts(layer) > 1:  # r of each expert against its own (m, n)
+        r, m, n = layer.r[adapter], layer.out_features, layer.in_features
+        if r > min(m, n):
+            raise ValueError(f"LoRA-Pro needs r <= min(out, in) of every adapted layer; {where or 'an expert stack'} "
+                             f"has r={r} per expert, update shape ({m}, {n}). Lower r (or use rank_pattern).")
+        return
     check_lorapro_rank(layer, adapter, where)
 
 

@@ -20,10 +20,13 @@ def _matches_names(key: str, names: Union[str, Iterable[str], None]) -> bool:
 
 
 def layer_index(key: str, layers_pattern: Union[str, list[str], None]) -> Optional[int]:
-    """The transformer-block index in a module key, e.g. 3 in `model.layers.3.self_attn.q_proj`."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [None])
-    for pattern in patterns:
-        regex = rf".*\.{re.escape(pattern)}\.(\d+)\." if pattern else r".*\.[^.]*\.(\d+)\."
+    """The transformer-block index in a module key, e.g. 3 in `model.layers.3.self_attn.q_proj`: the *first*
+    numbered segment (so `model.layers.1.mlp.experts.0.w1` gives 1, not the expert index 0). A layers_pattern is a
+    regex naming the block list (e.g. "layers" or "h"); it may start the key. Empty means any name."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    patterns = [p for p in patterns if p]
+    regexes = [rf"(?:^|.*?\.)(?:{p})\.(\d+)\." for p in patterns] or [r".*?\.[^.]*\.(\d+)\."]
+    for regex in regexes:
         found = re.match(regex, key)
         if found:
             return int(found.group(1))
@@ -37,7 +40,7 @@ def is_target(config, key: str) -> bool:
     if not _matches_names(key, config.target_modules):
         return False
     wanted = config.layers_to_transform
-    if wanted is None:
+    if wanted is None or (isinstance(wanted, (list, tuple)) and not wanted):  # [] means every layer (upstream)
         return True
     index = layer_index(key, config.layers_pattern)
     if index is None:

@@ -91,6 +91,9 @@ class BaseTunerLayer:
             container = getattr(self, attr, None)
             if container is not None and adapter_name in container:
                 del container[adapter_name]
+        for value in list(vars(self).values()):  # per-adapter plain dicts a subclass did not list (e.g. use_rslora)
+            if type(value) is dict and adapter_name in value:
+                del value[adapter_name]
         if adapter_name in self.active_adapters:
             still_active = [n for n in self.active_adapters if n != adapter_name]
             remaining = still_active or self._all_available_adapter_names()[:1]

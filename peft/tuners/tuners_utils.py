@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from ..utils.adapter_names import check_adapter_name
@@ -26,8 +28,13 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
     tuner_layer_cls: type = BaseTunerLayer
+    uses_shared_state: bool = False  # no state shared between layers: inject_adapter_in_model works (upstream flag)
+    _weights_on_meta: bool = False
 
-    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", low_cpu_mem_usage: bool = False):
+    def __init__(
+        self, model: nn.Module, peft_config, adapter_name: str = "default", low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict] = None,
+    ):
         super().__init__()
         for name in peft_config if isinstance(peft_config, dict) else [adapter_name]:
             check_adapter_name(name)
@@ -37,7 +44,8 @@ class BaseTuner(nn.Module):
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         self.peft_config.update(configs)
         self.active_adapter: Union[str, list[str]] = adapter_name
-        self.inject_adapter(self.model, adapter_name)
+        with self.adapter_weights_on_meta(low_cpu_mem_usage):
+            self.inject_adapter(self.model, adapter_name)
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -71,6 +79,21 @@ class BaseTuner(nn.Module):
                              "a model may, so set bias='none' for the others.")
 
     # --- injection ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def adapter_weights_on_meta(self, enabled: bool = True):
+        """Inside, injected adapters get their weights on the `meta` device (no memory, no init): what
+        `low_cpu_mem_usage=True` means. They must be loaded from a state dict before use (`PeftModel` does it).
+        Only for the plain inits; data-driven ones (LoRA-GA) need real tensors and ignore it."""
+        previous, self._weights_on_meta = self._weights_on_meta, bool(enabled)
+        try:
+            yield
+        finally:
+            self._weights_on_meta = previous
+
+    def _creation_device(self, config):
+        plain_init = getattr(config, "init_lora_weights", True) in (True, False, "gaussian")
+        return torch.device("meta") if self._weights_on_meta and plain_init else nullcontext()
+
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Replace every targeted module by a tuner layer carrying adapter `adapter_name`. All-or-nothing: on any
         error the modules, adapter weights and `requires_grad` flags are put back as they were."""
@@ -96,6 +119,11 @@ class BaseTuner(nn.Module):
             module.delete_adapter(adapter_name)
             if isinstance(module, ModulesToSaveWrapper):
                 original = module.original_module if not len(module.modules_to_save) else None
+            elif hasattr(module, "parameter_name"):  # nested LoRA ParamWrappers: drop the emptied ones
+                from .lora.param_wrapper import rebuild_chain
+
+                rebuilt = rebuild_chain(module)
+                original = rebuilt if rebuilt is not module else None
             else:
                 original = module.base_layer if not module._all_available_adapter_names() else None
             if original is not None:
@@ -121,9 +149,11 @@ class BaseTuner(nn.Module):
             if not (is_target(config, key) or (key in legacy and is_target(config, legacy[key]))):
                 continue
             parent, target, target_name = get_submodules(model, key)
-            self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            with self._creation_device(config):
+                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
             matched.append(key)
-        if not matched:
+        matched_params = self._inject_parameters(model, config, adapter_name)
+        if not matched and not matched_params:
             raise ValueError(
                 f"target_modules={_show(config.target_modules)} (layers_to_transform={config.layers_to_transform}, "
                 f"exclude_modules={_show(config.exclude_modules)}) matched no module of "
@@ -131,6 +161,8 @@ class BaseTuner(nn.Module):
             )
         known = getattr(self, "targeted_module_names", [])
         self.targeted_module_names = known + [k for k in matched if k not in known]
+        params = getattr(self, "targeted_parameter_names", [])
+        self.targeted_parameter_names = params + [k for k in matched_params if k not in params]
         _warn_if_weights_are_tied(model, matched)
         self._wrap_modules_to_save(model, config, adapter_name)
         self.set_adapter(self.active_adapters)
@@ -140,6 +172,10 @@ class BaseTuner(nn.Module):
                 if _adapter_param(name, adapter_name):
                     param.requires_grad_(False)
         self._wrap_trainable_tokens(model, config, adapter_name)  # after the freeze above, which knows LoRA names only
+
+    def _inject_parameters(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        """Adapt the bare parameters the config names (LoRA's `target_parameters`); returns their keys."""
+        return []
 
     def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> None:
         names = config.modules_to_save or []
@@ -151,6 +187,9 @@ class BaseTuner(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
                 continue
+            if isinstance(module, _CONTAINER_TYPES) or isinstance(module, BaseTunerLayer):
+                raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({key!r}): it "
+                                "has no forward of its own; name the modules inside it instead.")
             parent, target, target_name = get_submodules(model, key)
             setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
         task = getattr(config.task_type, "value", config.task_type)
@@ -218,8 +257,13 @@ class BaseTuner(nn.Module):
                 module.enable_adapters(enabled)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove `adapter_name` everywhere. A merged adapter is refused (its delta is in the base weights, which
+        could then never be taken out again): unmerge first."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Unknown adapter {adapter_name!r}; available adapters: {sorted(self.peft_config)}.")
+            raise ValueError(f"Adapter {adapter_name} does not exist; available adapters: {sorted(self.peft_config)}.")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.tuner_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         was_active = self.active_adapters
         del self.peft_config[adapter_name]
         for module in self.model.modules():
@@ -259,7 +303,7 @@ class BaseTuner(nn.Module):
         from tqdm.auto import tqdm
 
         self._check_known(adapter_names)
-        keys = [n for n, _ in self.tuner_layers()] + [
+        keys = [n for n, _ in self.tuner_layers() if not _inside_adapter_machinery(n)] + [
             n for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
         ]
         for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
@@ -267,8 +311,11 @@ class BaseTuner(nn.Module):
             if isinstance(target, ModulesToSaveWrapper):
                 replacement = target.unwrapped()  # the active adapter's trained copy, merged or not (as upstream)
             else:
-                if merge:
-                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                layer = target  # LoRA ParamWrappers nest (one per parameter of a module): merge each
+                while isinstance(layer, BaseTunerLayer):
+                    if merge:
+                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    layer = layer.base_layer
                 replacement = target.get_base_layer()
             setattr(parent, target_name, replacement)
         if hasattr(self.model, "peft_config"):
@@ -277,6 +324,9 @@ class BaseTuner(nn.Module):
 
     @abstractmethod
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None: ...
+
+
+_CONTAINER_TYPES = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
 def _warn_if_weights_are_tied(model: nn.Module, keys: list[str]) -> None:
@@ -288,7 +338,7 @@ def _warn_if_weights_are_tied(model: nn.Module, keys: list[str]) -> None:
         if weight is not None:
             owners.setdefault(id(weight), []).append(name)
     for key in keys:
-        names = owners.get(id(model.get_submodule(key).get_base_layer().weight), [])
+        names = owners.get(id(getattr(model.get_submodule(key).get_base_layer(), "weight", None)), [])
         others = [n for n in names if n != key and not n.startswith(key + ".")]
         if others:
             warnings.warn(f"Adapted layer {key!r} shares its weight with {others} (tied weights): merging the adapter "

@@ -1,12 +1,13 @@
 """Utilities (upstream's import paths)."""
 
-from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .other import ModulesToSaveWrapper, _get_submodules, get_submodules, prepare_model_for_kbit_training
+from .constants import CONFIG_NAME, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .other import ModulesToSaveWrapper, _get_submodules, get_submodules, infer_device, prepare_model_for_kbit_training
 from .peft_types import PeftType, TaskType
 from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 __all__ = [
     "CONFIG_NAME",
+    "INCLUDE_LINEAR_LAYERS_SHORTHAND",
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "ModulesToSaveWrapper",
@@ -15,6 +16,7 @@ __all__ = [
     "_get_submodules",
     "get_peft_model_state_dict",
     "get_submodules",
+    "infer_device",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",

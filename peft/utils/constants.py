@@ -4,6 +4,11 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
 
+# `target_modules` value meaning every linear layer but the output layer (upstream's public name for it).
+INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+# What `BaseTuner.get_model_config` returns for a model without a transformers config.
+DUMMY_MODEL_CONFIG = {"model_type": "custom"}
+
 # Default LoRA targets when `target_modules` is None, keyed by `model.config.model_type`.
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],

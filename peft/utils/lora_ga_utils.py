@@ -106,6 +106,10 @@ def supported_weight_modules(model: nn.Module, peft_config=None, quantized: bool
         if config is not None and not is_target(config, key):
             continue
         found[key] = module
+    if config is not None and getattr(config, "target_parameters", None):  # bare parameters (fused MoE experts)
+        from ..tuners.lora.param_wrapper import target_parameter_stand_ins
+
+        found.update(target_parameter_stand_ins(plain, config))
     return found
 
 
@@ -208,7 +212,7 @@ def _all_reduce_mean(named: dict[str, torch.Tensor], count: int, device: Optiona
 def estimate_gradient(
     model: nn.Module, dataloader: Iterable, accelerator=None, quant_flag: bool = False, origin_type: str = "bf16",
     quant_type: str = "nf4", no_split_module_classes: Optional[Sequence[str]] = None, peft_config=None,
-    iters: Optional[int] = None, reduce_to: str = "all", low_rank: Optional[int] = None, passes: int = 3,
+    iters: Optional[int] = None, reduce_to: str = "all", low_rank: Optional[int] = None, passes: int = 5,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Module name -> average over the batches of `dL/dW` for that module's weight (shaped like the stored weight,
@@ -235,9 +239,15 @@ def estimate_gradient(
     `torch.Generator().manual_seed(seed)`, the same on every rank), pass 2 `Z = G^T Q = sum X^T (delta Q)` with
     `Q = orth(Y)`, then `G ~ Q Z^T` and the SVD of a k x k matrix; each extra pass is one more product with G
     or G^T on the re-orthonormalised last result (a power iteration every two passes; more accurate when the
-    spectrum decays slowly). Exact when k >= rank(G). The batches of the first pass are cached (at most `iters`
-    of them) and replayed, so a generator works and every pass sees the same batches. Each pass's sums are
-    all-reduced across processes (weighted by their numbers of batches), so every rank gets the same factors.
+    spectrum decays slowly). The left singular vectors (B's directions) improve at odd passes (3: from
+    `G G^T G Omega`, 5: `(G G^T)^2 G Omega`), the right ones at even passes. Default 5 (docs/loraga.md, "Exact or
+    sketch": the measured choice for >= 0.95 of the exact top-2r energy on every target at k >= 4r; passes=3
+    with k = 8r is the cheaper alternative). Exact when k >= rank(G). The batches of the first pass are cached
+    (at most `iters` of them) and replayed, so a generator works and every pass sees the same batches. Each
+    pass's sums are all-reduced across processes (weighted by their numbers of batches), so every rank gets the
+    same factors: the same under DDP and FSDP2 (the hooks see whole activations; nothing weight-sized is
+    gathered), and `reduce_to` makes no difference (k(m + n) numbers per target; "owner" returns the same plain
+    dict as "all"). Gradient checkpointing (reentrant or not) gives the same sketch: each batch adds once.
     Supported targets: Linear (also bitsandbytes 4-bit / 8-bit bases, without `quant_flag`), Conv1D, Embedding;
     a targeted Conv2d is refused. LoRA-GA needs k >= 2r (checked at the init)."""
     from tqdm.auto import tqdm
@@ -254,8 +264,8 @@ def estimate_gradient(
         runner = runner.module  # run the module itself; the mean is all-reduced once, below
     plain = unwrap_model(runner)
     if low_rank is not None:
-        return _low_rank_branch(runner, plain, dataloader, accelerator, quant_flag or reduce_to != "all",
-                                peft_config, iters, low_rank, passes, seed)
+        return _low_rank_branch(runner, plain, dataloader, accelerator, quant_flag, peft_config, iters, low_rank,
+                                passes, seed)
     reshard(runner)  # FSDP2: hook the sharded weights, not the unsharded ones a forward pass may have left
     modules = supported_weight_modules(plain, peft_config)
     if not modules:
@@ -289,8 +299,11 @@ def _low_rank_branch(runner, plain, dataloader, accelerator, unsupported: bool, 
                      passes, seed) -> dict[str, LowRankGradient]:
     """`estimate_gradient(low_rank=k)`: the streamed range finder of `peft.tuners.loraga.sketch`."""
     if unsupported:
-        raise ValueError("low_rank=... needs neither quant_flag (it runs on quantized bases directly) nor "
-                         "reduce_to='owner' (every process gets the small factors): leave them at their defaults.")
+        raise ValueError("low_rank=... does not use quant_flag=True (it runs on quantized bases directly, without "
+                         "offload): leave quant_flag=False.")
+    if peft_config is not None and getattr(peft_config, "target_parameters", None):
+        raise ValueError(f"low_rank={low_rank} (the sketch of a layer's inputs and output gradients) does not cover "
+                         f"target_parameters={list(peft_config.target_parameters)}: estimate with low_rank=None.")
     modules = supported_weight_modules(plain, peft_config, quantized=True)
     if not modules:
         raise ValueError("No layer to estimate gradients for: the model has no target Linear/Conv1D/Embedding.")

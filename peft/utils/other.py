@@ -19,6 +19,17 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
 _get_submodules = get_submodules  # upstream spelling
 
 
+def infer_device() -> str:
+    """The accelerator torch sees first ("cuda", "mps", "xpu"), else "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "cpu"
+
+
 class AuxiliaryTrainingWrapper(nn.Module):
     """Base of wrappers that train something beside the adapter layers (here: whole-module copies)."""
 
@@ -196,3 +207,49 @@ def fsdp_auto_wrap_policy(model: nn.Module):
     lambda_policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=trains_alone)
     blocks = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={by_name[n] for n in names})
     return functools.partial(_or_policy, policies=[lambda_policy, blocks])
+
+
+def update_model_card(peft_model: nn.Module, output_dir: str) -> None:
+    """Create or update `output_dir/README.md` for a saved adapter (what the Hub reads): metadata `library_name:
+    peft`, `tags` (the method, e.g. `lora`; `transformers`; `base_model:adapter:<id>`), `base_model` when the model
+    has a transformers config; a "Framework versions" line with the PEFT version. An existing card's text and
+    metadata stay: tags are merged, other keys are only added."""
+    import os
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .. import __version__
+
+    path = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\n---\n")
+    if card.data is None:
+        card.data = ModelCardData()
+    base = peft_model.get_base_model()
+    config = peft_model.active_peft_config
+    base_id = None
+    if hasattr(base, "config") and hasattr(base.config, "to_dict"):
+        base_id = base.config.to_dict().get("_name_or_path") or None
+    tags = set(card.data.tags or []) | set(getattr(base, "model_tags", None) or [])
+    if type(base).__module__.startswith("transformers."):
+        tags.add("transformers")
+    tags.add(str(getattr(config.peft_type, "value", config.peft_type)).lower())  # the method: lora, loraga, lorapro
+    if base_id:
+        tags.add(f"base_model:adapter:{base_id}")
+        card.data.base_model = card.data.base_model or base_id
+    card.data.library_name = "peft"
+    if tags:
+        card.data.tags = sorted(tags)
+    if not card.data.pipeline_tag and type(peft_model).__name__ == "PeftModelForCausalLM":
+        card.data.pipeline_tag = "text-generation"
+    version_line = f"- PEFT {__version__}"
+    lines = card.text.splitlines()
+    if version_line not in lines:
+        heading = "### Framework versions"
+        if heading in lines:
+            lines.insert(lines.index(heading) + 1, version_line)
+        else:
+            lines += ["", heading, "", version_line]
+    card.text = "\n".join(lines).strip("\n") + "\n"
+    from .io import atomic_write_text
+
+    atomic_write_text(path, str(card))  # a temporary name renamed over README.md: a failed save keeps the old card

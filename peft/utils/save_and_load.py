@@ -1,8 +1,9 @@
 """Adapter state dicts in upstream's file format, and reading and writing an adapter folder's two files.
 
 In memory a key reads `<path>.lora_A.<adapter>.weight`; on disk the adapter name is dropped:
-`<path>.lora_A.weight`, `<path>.lora_embedding_A`, and `<path>.<param>` for `modules_to_save` copies. Wrappers
-(`AuxiliaryTrainingWrapper`) give their own map, e.g. trainable tokens:
+`<path>.lora_A.weight`, `<path>.lora_B.bias` (`lora_bias`), `<path>.lora_embedding_A`, `<path>.lora_magnitude_vector`
+(DoRA; in memory `<path>.lora_magnitude_vector.<adapter>.weight`), and `<path>.<param>` for `modules_to_save`
+copies. Wrappers (`AuxiliaryTrainingWrapper`) give their own map, e.g. trainable tokens:
 `<path>.token_adapter.trainable_tokens_delta` on disk, `<path>.token_adapter.trainable_tokens_delta.<adapter>`.
 
 Loading accepts only the adapter's own tensors (plus the few extras `_optional_load_keys` lists) and only finite
@@ -31,6 +32,9 @@ _LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 def _adapter_key_to_file_key(key: str, adapter_name: str) -> Optional[str]:
     """The on-disk key for in-memory `key` if it belongs to adapter `adapter_name`, else None."""
+    dora_marker = f".lora_magnitude_vector.{adapter_name}.weight"  # DoRA: upstream drops ".weight" too
+    if key.endswith(dora_marker):
+        return key[: -len(dora_marker)] + ".lora_magnitude_vector"
     for container in _LORA_CONTAINERS + ("modules_to_save",):
         marker = f".{container}.{adapter_name}"
         if key.endswith(marker):
@@ -64,7 +68,7 @@ def _bias_keys(model: nn.Module, state_dict: dict, bias: str) -> list[str]:
     keys = []
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer) and getattr(module.get_base_layer(), "bias", None) is not None:
-            base_path = name + ".base_layer.bias"
+            base_path = name.replace("_fsdp_wrapped_module.", "") + ".base_layer.bias"  # FSDP: keys lack it
             keys.extend(k for k in state_dict if k.endswith(base_path) or k == base_path)
     return keys
 

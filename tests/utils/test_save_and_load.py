@@ -104,7 +104,8 @@ def test_saved_files(tmp_path):
     model = _custom()
     model.peft_config["default"].base_model_name_or_path = "tiny/custom"
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         metadata = f.metadata()
         assert metadata["format"] == "pt" and set(metadata) == {"format", "peft_config_sha256"}

@@ -339,7 +339,7 @@ def test_save_keeps_other_files_and_removes_temporaries_a_killed_save_left(tmp_p
     assert all((folder / name).read_bytes() == data for name, data in others.items())
     assert _temporaries(folder) == [".notes.txt.1234.tmp"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["adapter_config.json", WEIGHTS, "optimizer.pt", "trainer_state.json", "tokenizer", "second",
+        ["README.md", "adapter_config.json", WEIGHTS, "optimizer.pt", "trainer_state.json", "tokenizer", "second",
          ".notes.txt.1234.tmp"])
     assert sorted(p.name for p in (folder / "second").iterdir()) == ["adapter_config.json", WEIGHTS]
 
@@ -368,10 +368,10 @@ def test_a_bin_save_replaces_an_older_safetensors(tmp_path):
     config."""
     _valued(1).save_pretrained(tmp_path)
     _valued(2).save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
     assert _read_pair(tmp_path) == (2, 2)
     _valued(3).save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", WEIGHTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", WEIGHTS]
 
 
 @needs_fork

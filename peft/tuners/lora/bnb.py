@@ -3,8 +3,9 @@
 Forward: `y = base(x) + s * B A dropout(x)`, the quantized base computing as bitsandbytes does and the LoRA branch
 in the adapter's dtype (fp32), the sum cast back to the input dtype.
 
-Merge: `W <- requant(dequant(W) + sum_i s_i B_i A_i)` in fp32, requantized with the layer's own settings
-(see `peft.utils.quantization`); unmerge subtracts the same way. A 4-bit (or 8-bit) grid cannot hold `W + s B A`
+Merge: `W <- requant(dequant(W) + sum_i s_i B_i A_i)` in fp32 (DoRA: `m / ||W + s B A||_c * (W + s B A)`),
+requantized with the layer's own settings (see `peft.utils.quantization`); unmerge inverts it the same way.
+A 4-bit (or 8-bit) grid cannot hold `W + s B A`
 exactly, so the merged layer only approximates the adapter model: a warning says so once per process.
 
 CPU packing: on CPUs with AVX512-BF16 bitsandbytes repacks a `Linear4bit` weight in an eval forward without grad and
@@ -25,11 +26,11 @@ import torch
 from torch import nn
 
 from ...utils.quantization import (
-    add_to_bnb_weight,
     dequantize_bnb_layer,
     is_bnb_4bit_layer,
     is_bnb_8bit_layer,
     is_bnb_quantized_param,
+    replace_bnb_weight,
     unpack_bnb_4bit_for_training,
 )
 from .dispatch import DISPATCHERS, UnsupportedTargetError
@@ -58,7 +59,7 @@ class QuantizedLinear(nn.Module, LoraLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
         lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
-        fan_in_fan_out: bool = False, **kwargs,
+        fan_in_fan_out: bool = False, use_dora: bool = False, lora_bias: bool = False, **kwargs,
     ) -> None:
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
@@ -67,7 +68,8 @@ class QuantizedLinear(nn.Module, LoraLayer):
                           "(stored out x in); using False.")
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
+                          use_dora=use_dora, lora_bias=lora_bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
@@ -84,30 +86,21 @@ class QuantizedLinear(nn.Module, LoraLayer):
         """The base weight as fp32 (out, in), including merged adapters; the base layer is not changed."""
         return dequantize_bnb_layer(self.get_base_layer())
 
+    # `LoraLayer.merge` / `unmerge` (LoRA, DoRA, lora_bias) read and write the weight through these two.
+    _merge_checks_finite = True  # `safe_merge` is implied: a non-finite result raises, the layer is unchanged
+
+    def _base_weight_fp(self) -> torch.Tensor:
+        return dequantize_bnb_layer(self.get_base_layer())
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        replace_bnb_weight(self.get_base_layer(), weight)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """`W <- requant(dequant(W) + sum s B A)` over the named (default: active) adapters, rounding once.
-
-        `safe_merge` is implied: a non-finite result raises ValueError and leaves the layer unchanged.
-        """
-        names = self._adapters_to_merge(adapter_names)
-        if not names:
-            return
-        warn_quantized_merge_once()
-        delta = sum(self._delta_fp32(name) for name in names)
-        try:
-            add_to_bnb_weight(self.get_base_layer(), delta, sign=1)
-        except ValueError as err:
-            raise ValueError(f"Merging adapters {names} gives NaN/Inf in the base weight; nothing merged.") from err
-        self.merged_adapters.extend(names)
-
-    def unmerge(self) -> None:
-        """`W <- requant(dequant(W) - sum s B A)` over every merged adapter."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        delta = sum(self._delta_fp32(name) for name in self.merged_adapters)
-        add_to_bnb_weight(self.get_base_layer(), delta, sign=-1)
-        self.merged_adapters.clear()
+        """`W <- requant(W')` with `W'` as `LoraLayer.merge` computes it in fp32 (LoRA: `dequant(W) + sum s B A`;
+        DoRA: `m / ||.||_c * (W + s B A)`), rounding once. A non-finite result raises ValueError."""
+        if self._adapters_to_merge(adapter_names):
+            warn_quantized_merge_once()
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

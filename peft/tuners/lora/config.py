@@ -22,6 +22,7 @@ from ...utils.config_validation import (
     text,
 )
 from ...utils.peft_types import PeftType
+from .init_methods import LOFTQ_RULE, init_weights_rule
 
 _BIAS = ("none", "all", "lora_only")
 _INITS = (True, False, "gaussian")
@@ -105,6 +106,11 @@ class LoraConfig(PeftConfig):
         use_rslora: use `lora_alpha / sqrt(r)` (Kalajdzievski 2023). bias: "none", "all" or "lora_only".
         fan_in_fan_out: the base stores W as (in, out) (GPT-2's Conv1D). modules_to_save: modules trained whole.
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A normal, std 1/r), False (random B).
+        target_parameters: parameters to adapt directly (a full name or a dotted suffix, e.g.
+            "mlp.experts.gate_up_proj"): 2-D `(out, in)` or fused 3-D expert stacks, one update per expert; see
+            `peft.tuners.lora.param_wrapper`. Needs lora_dropout=0 and fan_in_fan_out=False.
+        use_dora: DoRA (Liu et al. 2024): `W' = m / ||W + s B A||_c * (W + s B A)`, `m` a trained magnitude per
+            output channel (see `peft.tuners.lora.dora`). lora_bias: lora_B gets a bias (B: Linear / Conv layers).
         trainable_token_indices: train only these rows of an embedding beside the LoRA layers: a list of token ids
             (the input embedding), or a dict from embedding module name to token ids, e.g. `{"embed_tokens": [5]}`.
     """
@@ -124,13 +130,18 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank (regex -> r)."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha (regex -> alpha)."})
     lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Upstream spelling of LoRA-GA."})
+    loftq_config: dict = field(default_factory=dict, metadata={"help": "LoftQ: {'loftq_bits', 'loftq_iter'}."})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token ids whose embedding rows train: a list, or {module name: list}."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: train a per-output-channel magnitude too."})
+    lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias (merged into the base's)."})
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Bare parameters to adapt (e.g. fused MoE experts 'mlp.experts.down_proj')."})
 
     peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORA
     unsupported_upstream_fields: ClassVar[tuple[str, ...]] = (
-        "use_dora", "lora_bias", "layer_replication", "loftq_config", "megatron_config", "megatron_core",
-        "eva_config", "corda_config", "target_parameters", "use_qalora",
+        "layer_replication", "megatron_config", "megatron_core",
+        "eva_config", "corda_config", "use_qalora",
         "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config",
         "monteclora_config", "use_bdlora", "velora_config", "runtime_config",
     )
@@ -144,20 +155,48 @@ class LoraConfig(PeftConfig):
         "bias": one_of(_BIAS),
         "use_rslora": boolean(),
         "modules_to_save": optional(sequence_of(text(), "module name strings")),
-        "init_lora_weights": one_of(_INITS + ("lora_ga",)),
+        "init_lora_weights": init_weights_rule(_INITS + ("lora_ga",)),
+        "loftq_config": LOFTQ_RULE,
         "layers_to_transform": optional(either(integer(0), sequence_of(integer(0), "ints >= 0"))),
         "layers_pattern": optional(either(text(), sequence_of(text(), "strings"))),
         "rank_pattern": optional(pattern_dict(integer(1))),
         "alpha_pattern": optional(pattern_dict(number(0))),
         "lora_ga_config": optional(_LORA_GA_SUB_CONFIG),
         "trainable_token_indices": _TOKEN_INDICES,
+        "use_dora": boolean(),
+        "lora_bias": boolean(),
+        "target_parameters": optional(sequence_of(text(), "parameter name strings")),
     }
 
     def _check_combinations(self) -> None:
         super()._check_combinations()
+        self._check_dora_and_lora_bias()
+        _check(self.init_lora_weights != "loftq" or bool(self.loftq_config), "loftq_config", self.loftq_config,
+               "a non-empty dict (e.g. {'loftq_bits': 4, 'loftq_iter': 1}) when init_lora_weights is 'loftq'")
         if self.layers_to_transform is not None:
             _check(not isinstance(self.target_modules, str), "target_modules", self.target_modules,
                    "a list when layers_to_transform is set")
         if self.layers_pattern is not None:
             _check(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
                    "to come with layers_to_transform")
+
+    def _check_dora_and_lora_bias(self) -> None:
+        """DoRA and `lora_bias` exclude each other and LoRA-GA (whose init and final save assume `W + s B A`);
+        DoRA excludes LoRA-Pro (its adjusted gradients assume `W + s B A`; B's bias is an ordinary parameter there);
+        `lora_bias` needs the plain init (upstream's rule)."""
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
+                             f"got init_lora_weights={self.init_lora_weights!r} instead.")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False.")
+        method = type(self).peft_type_default
+        lora_ga = method == PeftType.LORAGA or self.init_lora_weights == "lora_ga" or self.lora_ga_config is not None
+        for name in ("use_dora", "lora_bias"):
+            if not getattr(self, name):
+                continue
+            if lora_ga:
+                raise ValueError(f"Invalid {name}=True with LoRA-GA: its init and its final save (a plain LoRA equal "
+                                 "to B A - B0 A0) assume W + s B A; expected False.")
+            if method == PeftType.LORAPRO and name == "use_dora":  # a bias on B trains as an ordinary parameter
+                raise ValueError(f"Invalid {name}=True with LoRA-Pro: its adjusted gradients pair A and B only and "
+                                 "assume W + s B A; expected False.")

@@ -7,9 +7,10 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .conv import Conv2d
+from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .layer import Linear
+from .mha import MultiheadAttention
 
 Dispatcher = Callable[..., Optional[nn.Module]]
 
@@ -20,12 +21,15 @@ class UnsupportedTargetError(ValueError):
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config, **kwargs) -> Optional[nn.Module]:
-    """Plain PyTorch / transformers layers: Embedding, Conv2d, Linear, GPT-2's Conv1D."""
+    """Plain PyTorch / transformers layers: Embedding, Conv1d/2d/3d, MultiheadAttention, Linear, GPT-2's Conv1D."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     if isinstance(base, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
-    if isinstance(base, nn.Conv2d):
-        return Conv2d(target, adapter_name, **kwargs)
+    for conv_type, layer_cls in ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d)):
+        if isinstance(base, conv_type):
+            return layer_cls(target, adapter_name, **kwargs)
+    if isinstance(base, nn.MultiheadAttention):
+        return MultiheadAttention(target, adapter_name, **kwargs)
     if type(base) is nn.Linear or (isinstance(base, nn.Linear) and base.weight.dtype.is_floating_point):
         if kwargs.get("fan_in_fan_out"):
             warnings.warn("fan_in_fan_out=True but the target is nn.Linear (stored out x in); using False.")
@@ -56,6 +60,7 @@ def create_lora_module(target: nn.Module, adapter_name: str, lora_config, key: s
             return module
     raise ValueError(
         f"Target module {key!r} of type {type(base).__module__}.{type(base).__name__} has no LoRA layer; "
-        "supported: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, transformers Conv1D, "
+        "supported: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d, torch.nn.MultiheadAttention, "
+        "transformers Conv1D, "
         "bitsandbytes Linear4bit / Linear8bitLt (when bitsandbytes is installed)."
     )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dora import dora_factor, dora_output
 from .functional import delta_weight
 from .layer import LoraLayer
 
@@ -17,12 +18,16 @@ class Embedding(nn.Module, LoraLayer):
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
-        lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True, use_rslora: bool = False, **kwargs,
+        lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
+        use_dora: bool = False, lora_bias: bool = False, **kwargs,
     ) -> None:
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
+                          use_dora=use_dora, lora_bias=lora_bias)
+
+    supports_lora_bias = False
 
     def _make_factors(self, adapter_name: str, r: int) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
@@ -45,6 +50,10 @@ class Embedding(nn.Module, LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self._delta_fp32(adapter_name).to(self.get_base_layer().weight.dtype)
 
+    def _output_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """(num_embeddings, dim) <-> (dim, num_embeddings): DoRA's output channel is the embedding dim."""
+        return weight.T
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_forward(x, *args, **kwargs)
         names = self._lora_active()
@@ -55,7 +64,12 @@ class Embedding(nn.Module, LoraLayer):
             A, B = self._factors(name)
             rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                                base.sparse)  # (..., r)
-            result = result + (rows @ B.T) * self.scaling[name]
+            lora_out = (rows @ B.T) * self.scaling[name]
+            if self.use_dora.get(name):  # f * (E + dE)[x] = result + (f - 1) * result + f * dE[x]; no dropout
+                factor = dora_factor(self.lora_magnitude_vector[name].weight, self._dora_norm(name))
+                result = dora_output(result, result, lora_out, factor, channel_dim=-1)
+            else:
+                result = result + lora_out
         return result.to(out_dtype)
 
     def __repr__(self) -> str:

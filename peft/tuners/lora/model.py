@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ...utils.other import get_submodules
 from ..target_matching import all_linear_names, pattern_value
 from ..tuners_utils import BaseTuner
 from .dispatch import create_lora_module
@@ -21,6 +22,8 @@ class LoraModel(BaseTuner):
         if config.target_modules is None:
             model_type = model_config.get("model_type")
             defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            if defaults is None and getattr(config, "target_parameters", None):
+                return config  # only parameters are adapted
             if defaults is None:
                 raise ValueError(
                     f"target_modules is None and there is no default for model_type {model_type!r}; "
@@ -38,8 +41,11 @@ class LoraModel(BaseTuner):
             "lora_alpha": pattern_value(key, config.alpha_pattern or {}, config.lora_alpha),
             "lora_dropout": config.lora_dropout,
             "fan_in_fan_out": config.fan_in_fan_out,
-            "init_lora_weights": False if config.init_lora_weights == "lora_ga" else config.init_lora_weights,
+            "init_lora_weights": (  # these two are applied by _init_adapter_weights, which has the config
+                False if config.init_lora_weights in ("lora_ga", "loftq") else config.init_lora_weights),
             "use_rslora": config.use_rslora,
+            # only when set, so that layer types without DoRA / lora_bias keep their signature
+            **{k: True for k in ("use_dora", "lora_bias") if getattr(config, k, False)},
         }
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
@@ -61,12 +67,54 @@ class LoraModel(BaseTuner):
                 return super().inject_adapter(model, adapter_name)
         super().inject_adapter(model, adapter_name)
 
+    def _inject_parameters(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        from .param_wrapper import inject_target_parameters
+
+        return inject_target_parameters(self, model, config, adapter_name)
+
+    def _check_same_target_parameters(self, config) -> None:
+        """Adapters with `target_parameters` must all target the same parameters (their wrappers nest in one order)."""
+        wanted = set(getattr(config, "target_parameters", None) or [])
+        for name, other in self.peft_config.items():
+            theirs = set(getattr(other, "target_parameters", None) or [])
+            if other is not config and wanted and theirs and theirs != wanted:
+                raise ValueError(
+                    f"Invalid target_parameters={sorted(wanted)}: adapter {name!r} targets {sorted(theirs)}; "
+                    "all adapters must target the same set of parameters (their wrappers nest in one order)."
+                )
+
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         """Hook for data-driven initialisations (LoRA-GA); plain LoRA keeps the layer's own init."""
         if config.init_lora_weights == "lora_ga":  # upstream's spelling of LoRA-GA
             from ..loraga.model import init_from_gradients
 
             init_from_gradients(self, layer, config, adapter_name, key)
+        elif config.init_lora_weights == "loftq":  # needs config.loftq_config, which the layer does not see
+            from .init_methods import loftq_layer
+
+            loftq_layer(layer, adapter_name, config.loftq_config)
+
+    def _check_new_adapter_config(self, config) -> None:
+        super()._check_new_adapter_config(config)
+        self._check_same_target_parameters(config)
+        from .init_methods import warn_if_base_changing
+
+        warn_if_base_changing(self.peft_config.values())
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs) -> None:
+        """A new adapter combining `adapters` with `weights` (see `peft.tuners.lora.weighted`)."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        """A layer nesting another LoRA layer (`MultiheadAttention`'s out_proj) unloads both itself first."""
+        self._check_known(adapter_names)
+        for key, layer in self.tuner_layers():
+            if hasattr(layer, "unload_and_optionally_merge_module"):
+                parent, _, name = get_submodules(self.model, key)
+                setattr(parent, name, layer.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
+        return super()._unload(merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():

@@ -85,7 +85,8 @@ def _check_convertible(model: nn.Module, adapter_name: str) -> None:
                          f"(LoRA-GA); adapter {adapter_name!r} is a {config.peft_type.value} adapter, which has no "
                          "such form: save it without the keyword.")
     init = getattr(config, "init_lora_weights", True)
-    if config.peft_type == PeftType.LORA and init not in ("lora_ga", True):
+    rewrites_base = isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
+    if config.peft_type == PeftType.LORA and init not in ("lora_ga", True) and not rewrites_base:
         warnings.warn(f"{KEYWORD}: adapter {adapter_name!r} has init_lora_weights={init!r}, which does not offset the "
                       "base weights; the saved adapter is `B A - B0 A0`, the change since the initial adapter, not "
                       "the trained model. The keyword is meant for LoRA-GA adapters.")

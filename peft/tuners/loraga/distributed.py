@@ -15,7 +15,9 @@ same way on every rank.
 Initialisation (`init_factors`): in rounds, each rank takes the next of its own targets, receives that target's
 full G (gathered from the shards, or its own reduced mean), computes A and B, and broadcasts them; every rank then
 writes its part of A and B (its shard under FSDP2) and offsets its part of W. A rank holds one full G at a time,
-and the SVDs of a round run in parallel.
+and the SVDs of a round run in parallel. Low-rank gradients (`estimate_gradient(low_rank=k)`, also under FSDP2:
+the hooks see whole activations, so the sketches are all-reduced like DDP's) are the same U, S, Vh on every rank:
+each rank computes their A and B itself, without rounds or broadcasts.
 """
 
 from __future__ import annotations
@@ -293,7 +295,8 @@ def init_factors(layers: list[tuple[str, "LoraLayer"]], adapter_name: str, grads
     """LoRA-GA A, B of `adapter_name` for every (key, layer) of `layers`, each target's SVD run once, on its owner,
     and broadcast; written into every rank's A and B (its shard under FSDP2) once all are computed. Returns key ->
     (A, B) in full (stored shapes and dtypes), for the offsets and the init record. A collective: every rank calls it
-    with the same `layers` in the same order; a bad target raises on every rank before any communication."""
+    with the same `layers` in the same order; a bad target raises on every rank before any communication.
+    `LowRankGradient`s (identical on every rank) are turned into A, B by every rank itself, without broadcasts."""
     from .layout import factor_params
     from .model import check_factors, compute_factors, stored_dtype, write_factors
 
@@ -316,12 +319,16 @@ def init_factors(layers: list[tuple[str, "LoraLayer"]], adapter_name: str, grads
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     sharded = [local(w).device for w in weights.values() if is_dtensor(w)]
     device = sharded[0] if sharded else comm_device(group)
+    by_key, results = dict(layers), {}
+    # low-rank gradients (`estimate_gradient(low_rank=k)`) are the same small U, S, Vh on every rank: each rank
+    # computes their A, B itself, no broadcast (unless the init needs the full W or draws random directions)
+    results.update(_factors_everywhere(by_key, adapter_name, grads, options, group, device))
     given = getattr(grads, "owners", {})
     owners = {key: given[normalize_name(key)] for key, _ in layers if normalize_name(key) in given}
     owners.update(assign_owners({key: weights[key].numel() for key, _ in layers if key not in owners}, world))
+    owners = {key: owner for key, owner in owners.items() if key not in results}
     queues = [[key for key in sorted(owners, key=lambda k: -weights[k].numel()) if owners[key] == j]
               for j in range(world)]
-    by_key, results = dict(layers), {}
     for round_keys in _rounds(queues):
         mine, error, pair = None, None, None
         for key in round_keys:  # gathers: every rank, same order
@@ -344,6 +351,32 @@ def init_factors(layers: list[tuple[str, "LoraLayer"]], adapter_name: str, grads
     for key, (A, B) in results.items():
         write_factors(by_key[key], adapter_name, A, B)
     return results
+
+
+def _factors_everywhere(by_key: dict, adapter_name: str, grads, options, group, device) -> dict:
+    """key -> (A, B) for the targets every rank computes alike (`_same_on_every_rank`); raises on every rank if any
+    rank failed."""
+    from .model import compute_factors
+
+    keys = [key for key in by_key if _same_on_every_rank(grads.get(normalize_name(key)), options)]
+    if not keys:  # the same answer on every rank (a rank's gradient types do not depend on the rank)
+        return {}
+    out, error = {}, None
+    try:
+        for key in keys:
+            out[key] = compute_factors(by_key[key], adapter_name, grads[normalize_name(key)], options, name=key)
+    except Exception as exc:  # noqa: BLE001 (re-raised by _agree, on this rank)
+        error = exc
+    _agree(error, "computing the LoRA-GA factors of the low-rank gradients", group, device)
+    return out
+
+
+def _same_on_every_rank(grad, options) -> bool:
+    """A, B of this gradient can be computed on every rank alike: a `LowRankGradient` (every rank holds the same
+    all-reduced factors), neither scale="weightS" (needs the full W) nor direction="random" (each rank's RNG)."""
+    from .sketch import LowRankGradient
+
+    return isinstance(grad, LowRankGradient) and options.scale != "weightS" and options.direction != "random"
 
 
 def _rounds(queues: list[list[str]]) -> Iterable[list[str]]:

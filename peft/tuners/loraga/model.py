@@ -19,11 +19,12 @@ from torch import nn
 
 from ..lora.layer import LoraLayer
 from ..lora.model import LoraModel
+from ..lora.param_wrapper import ParamWrapper, module_path
 from . import distributed, quant
 from .config import LoraGAInitOptions
 from .context import active_gradients, by_plain_name, consume_gradient, forget_gradients, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
-from .layout import _kind, factor_params, from_matrix, to_matrix
+from .layout import _kind, factor_params, from_matrix, loraga_init, subtract_adapter, to_matrix
 from .provenance import fingerprint
 from .sketch import LowRankGradient
 
@@ -109,6 +110,8 @@ def offset_base(layer: LoraLayer, adapter_name: str,
                 factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """`W <- W - s B A` on `layer`'s base, from A and B of `adapter_name` as stored (or `factors`, stored layout and
     dtype) in fp32, rounded once."""
+    if isinstance(layer, ParamWrapper):  # LoRA on a bare parameter: every expert's own offset
+        return subtract_adapter(layer, adapter_name)
     base, kind = layer.get_base_layer(), _kind(layer)
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     param_A, param_B = factor_params(layer, adapter_name) if factors is None else factors
@@ -130,6 +133,8 @@ def offset_base(layer: LoraLayer, adapter_name: str,
 def _check_own_weight(model: nn.Module, layer: LoraLayer, key: str) -> None:
     """The offset rewrites the base weight in place: refuse a weight tied to another module (e.g. GPT-2's lm_head
     and wte), whose output the offset would change too."""
+    if isinstance(layer, ParamWrapper):  # a bare parameter (fused experts): not a tied embedding
+        return
     weight = layer.get_base_layer().weight
     owners = {normalize_name(n.rpartition(".")[0]) for n, p in model.named_parameters(remove_duplicate=False)
               if p is weight}
@@ -160,6 +165,8 @@ def _remember_init(tuner, layer: LoraLayer, adapter_name: str, key: str,
     """Record `factors` (default: the layer's A, B as stored now) as the init of `adapter_name` at `key`: their
     fingerprints always, CPU copies on a `LoraGAModel` (LoraModel(init_lora_weights="lora_ga") saves as upstream)."""
     factors = factor_params(layer, adapter_name) if factors is None else factors
+    if isinstance(layer, ParamWrapper):  # keyed like its file keys: the (possibly nested) wrapper's module path
+        key = module_path(tuner.model, layer) or key
     init_fingerprints(tuner).setdefault(adapter_name, {}).update(
         {file_key: fingerprint(t) for file_key, t in zip(_file_keys(key, layer), factors)})
     if isinstance(tuner, LoraGAModel):
@@ -227,7 +234,12 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
     _check_own_weight(tuner.model, layer, key)
     options = LoraGAInitOptions.from_any(config.lora_ga_config if _is_upstream_spelling(config) else config)
     pending = tuner.__dict__.get("_loraga_pending")
-    if distributed.is_distributed(grads, [layer.get_base_layer().weight]):  # the collective init, after injecting
+    if isinstance(layer, ParamWrapper):  # one init per expert (peft.tuners.loraga.layout)
+        if distributed.is_distributed(grads, [layer.get_param()]):
+            raise ValueError(f"LoRA-GA on target parameter {key!r}: sharded or owner-only gradients are not "
+                             "supported for target_parameters; estimate with reduce_to='all' on unsharded weights.")
+        loraga_init(layer, adapter_name, grads[name], options, key)
+    elif distributed.is_distributed(grads, [layer.get_base_layer().weight]):  # the collective init, after injecting
         deferred = tuner.__dict__.get("_loraga_deferred")
         if pending is not None and deferred is not None:
             pending.append((layer, adapter_name, key))
@@ -237,7 +249,8 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
         offset_base(layer, adapter_name, factors=factors)
         _remember_init(tuner, layer, adapter_name, key, factors=factors)
         return
-    set_factors(layer, adapter_name, grads[name], options, name=key)
+    else:
+        set_factors(layer, adapter_name, grads[name], options, name=key)
     if pending is not None:
         pending.append((layer, adapter_name, key))
     else:

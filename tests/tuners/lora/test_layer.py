@@ -124,9 +124,9 @@ def test_conv2d_forward_merge(stride, padding):
     torch.testing.assert_close(base.weight, weight, atol=1e-14, rtol=0)
 
 
-def test_conv2d_with_groups_is_refused():
-    with pytest.raises(ValueError, match="groups=2"):
-        Conv2d(nn.Conv2d(4, 4, 3, groups=2), "default", r=2)
+def test_conv2d_with_groups_needs_rank_divisible_by_groups():  # grouped convs: see test_conv_nd.py
+    with pytest.raises(ValueError, match="r=3 is not divisible by groups=2"):
+        Conv2d(nn.Conv2d(4, 4, 3, groups=2), "default", r=3)
 
 
 def test_init_modes():

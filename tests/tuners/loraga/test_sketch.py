@@ -4,7 +4,6 @@ the exact mean gradient when k >= rank(G), never allocates a weight-sized tensor
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -200,6 +199,29 @@ def test_k_below_2r_is_refused_at_init():
         _init(model, low, r=2)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_sketch(reentrant):
+    """Checkpointed blocks run their forward twice (the recomputation in backward): each batch must still add to
+    the sketch once, from the pass whose output gradient arrives (non-reentrant: the first; reentrant: the
+    recomputation, the first runs without grad)."""
+    from tests.tuners.loraga.helpers import llama, token_batches
+
+    config = LoraGAConfig(r=2, iters=3, target_modules=["embed_tokens", "q_proj", "v_proj", "gate_proj", "down_proj"])
+    data = token_batches(3)
+    plain = estimate_gradient(llama(torch.float64), data, peft_config=config, low_rank=8, passes=3)
+    model = llama(torch.float64)
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    calls = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    low = estimate_gradient(model, data, peft_config=config, low_rank=8, passes=3)
+    handle.remove()
+    assert len(calls) == 2 * 3 * 3  # checkpointing was on: 2 forwards per batch, 3 batches, 3 passes
+    assert sorted(low) == sorted(plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(low[name].to_dense(), grad.to_dense(), rtol=1e-10, atol=1e-14, msg=name)
+    assert all(p.grad is None for p in model.parameters())
+
+
 bnb = None
 try:  # noqa: SIM105
     import bitsandbytes as bnb  # noqa: F811
@@ -245,8 +267,65 @@ def test_quantized_base_equals_the_dequantized_float_model(bits):
     torch.testing.assert_close(low["net.2"].to_dense(), exact["net.2"], rtol=1e-4, atol=1e-6)
 
 
-# --- DDP: 2 gloo processes on a 2 + 1 split of the batches equal one process on all 3 --------------------------------
+# --- 2 gloo processes (one spawn): DDP on a 2 + 1 split of the batches, FSDP2 on 2 + 2, equal one process ----------
 WORLD = 2
+LLAMA_CONFIG = dict(r=3, lora_alpha=6, iters=4, dtype="fp64",  # r=3: A's 3 rows shard unevenly (2 + 1)
+                    target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"])  # embed_tokens: the root's shard
+
+
+def _llama_peft(**changes):
+    import warnings
+
+    from tests.tuners.loraga.helpers import llama
+
+    with warnings.catch_warnings():  # no gradients wait: LoRA's default init until initialise_adapter
+        warnings.simplefilter("ignore")
+        return get_peft_model(llama(torch.float64), LoraGAConfig(**{**LLAMA_CONFIG, **changes}))
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    """Full A, B and base weight of every target (gathers DTensors: a collective)."""
+    out = {}
+    for key, layer in model.base_model.adapter_layers("default"):
+        if "default" in layer.lora_embedding_A:
+            A, B = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+        else:
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        for tag, t in (("A", A), ("B", B), ("W", layer.get_base_layer().weight)):
+            out[f"{key}.{tag}"] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+    return out
+
+
+def _sharded(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _fsdp2_low_rank(rank: int) -> dict:
+    """Inject, fully_shard, sketch on the sharded model (2 of the 4 batches per rank), initialise_adapter; then the
+    same sketch into a second sharded model with scale="weightS" (each A, B on its owner, W gathered there)."""
+    from tests.tuners.loraga.helpers import token_batches
+
+    data = token_batches(4)
+    model = _sharded(_llama_peft())
+    ids = data[0]["input_ids"]
+    before = model(input_ids=ids).logits.detach()
+    low = estimate_gradient(model, data[2 * rank:2 * rank + 2], peft_config=LoraGAConfig(**LLAMA_CONFIG),
+                            low_rank=8, passes=3)
+    res = {"dense": {n: g.to_dense() for n, g in low.items()}, "types": {type(g).__name__ for g in low.values()}}
+    model.base_model.initialise_adapter("default", low)
+    res["init_diff"] = (model(input_ids=ids).logits.detach() - before).abs().max().item()
+    res["local_A_rows"] = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight \
+        .to_local().shape[0]
+    res["snapshot"] = _snapshot(model)
+    weight_s = _sharded(_llama_peft(scale="weightS"))
+    weight_s.base_model.initialise_adapter("default", low)
+    res["snapshot_weightS"] = _snapshot(weight_s)
+    return res
 
 
 def _worker(rank: int, init_file: str, out: str) -> None:
@@ -261,25 +340,58 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         for passes in (2, 3):
             low = estimate_gradient(ddp, mine, low_rank=12, passes=passes)
             result[passes] = {n: g.to_dense() for n, g in low.items()}
+        owner = estimate_gradient(ddp, mine, low_rank=12, passes=3, reduce_to="owner")
+        result["owner"] = (type(owner).__name__, {n: g.to_dense() for n, g in owner.items()})
+        result["fsdp2"] = _fsdp2_low_rank(rank)
         torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_equals_one_process(tmp_path):
-    out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True)
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sketch_dist")
+    out = str(tmp / "result")
+    mp.spawn(_worker, args=(str(tmp / "init"), out), nprocs=WORLD, join=True)
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(WORLD)]
+
+
+def test_ddp_equals_one_process(spawned):
     exact = estimate_gradient(Tiny(), batches(3))
-    results = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
     for passes in (2, 3):
         for rank in range(WORLD):
             for name, grad in exact.items():
-                torch.testing.assert_close(results[rank][passes][name].to(grad.dtype), grad, rtol=1e-6, atol=1e-8)
-    assert os.path.exists(f"{out}.1")
+                torch.testing.assert_close(spawned[rank][passes][name].to(grad.dtype), grad, rtol=1e-6, atol=1e-8)
+    for rank in range(WORLD):  # reduce_to="owner": the small factors go to every rank alike (a plain dict)
+        kind, owner = spawned[rank]["owner"]
+        assert kind == "dict" and sorted(owner) == sorted(exact)
+        for name, grad in owner.items():
+            torch.testing.assert_close(grad, spawned[rank][3][name], rtol=0, atol=0)
 
 
-@pytest.mark.skip(reason="FSDP2 (fully_shard) with low_rank is not implemented yet (issue 14, item 3 follow-up): "
-                         "the hooks see the unsharded inputs, but the targets' sketches would need a reduce over "
-                         "the data-parallel mesh only; not done by the deadline.")
-def test_fsdp2_low_rank():
-    pass
+def _assert_same(got: dict, want: dict, label: str) -> None:
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-9, atol=1e-12 * max(value.abs().max().item(), 1.0),
+                                   msg=f"{label} {name}")
+
+
+def test_fsdp2_low_rank_init_equals_one_process(spawned):
+    from tests.tuners.loraga.helpers import token_batches
+
+    data, config = token_batches(4), LoraGAConfig(**LLAMA_CONFIG)
+    model = _llama_peft()
+    low = estimate_gradient(model, data, peft_config=config, low_rank=8, passes=3)
+    model.base_model.initialise_adapter("default", low)
+    weight_s = _llama_peft(scale="weightS")
+    weight_s.base_model.initialise_adapter("default", low)
+    single, single_weight_s = _snapshot(model), _snapshot(weight_s)
+    assert len(single) == 3 * 7
+    for rank in range(WORLD):
+        res = spawned[rank]["fsdp2"]
+        assert res["types"] == {"LowRankGradient"}
+        _assert_same(res["dense"], {n: g.to_dense() for n, g in low.items()}, f"sketch rank {rank}")
+        _assert_same(res["snapshot"], single, f"FSDP2 init rank {rank}")
+        _assert_same(res["snapshot_weightS"], single_weight_s, f"FSDP2 weightS init rank {rank}")
+        assert res["local_A_rows"] == (2 if rank == 0 else 1)  # A stays sharded: (3, 16) as 2 + 1 rows
+        assert res["init_diff"] < 1e-12  # the sharded model's output is unchanged by the init
