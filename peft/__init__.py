@@ -26,12 +26,15 @@ from .peft_model_tasks import (
 )
 from .registry import register_peft_method
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lora.corda import CordaConfig
+from .tuners.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .tuners.lora.init_methods import LoftQConfig
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
 from .tuners.lorapro import LoraProConfig, LoraProModel
 from .tuners.prompt_learning import (
     PrefixTuningConfig,
+    PromptEncoder,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptLearningConfig,
@@ -41,6 +44,7 @@ from .tuners.prompt_learning import (
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .utils.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .utils.warning import PeftWarning
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
 register_peft_method(name="lorapro", config_cls=LoraProConfig, model_cls=LoraProModel, prefix="lora_")
@@ -55,6 +59,8 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "LoftQConfig",
+    "CordaConfig",
+    "EvaConfig",
     "LoraConfig",
     "LoraGAConfig",
     "LoraGAModel",
@@ -71,7 +77,9 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixTuningConfig",
+    "PromptEncoder",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptLearningConfig",
@@ -83,9 +91,11 @@ __all__ = [
     "get_layer_status",
     "get_model_status",
     "get_base_model_state_dict",
+    "get_eva_state_dict",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_kbit_training",

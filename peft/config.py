@@ -4,18 +4,59 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.metadata
 import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
+from . import __version__
 from .registry import PEFT_TYPE_TO_CONFIG_MAPPING
 from .utils.config_validation import Refused, Rule, boolean, mapping, member_of, optional, text
 from .utils.constants import CONFIG_NAME
 from .utils.hub import hub_download_arguments, resolve_adapter_file
 from .utils.io import atomic_write_text
 from .utils.peft_types import PeftType, TaskType
+
+
+class MissingConfigKeysError(TypeError, ValueError):
+    """An adapter config without the keys every config needs (`peft_type`). A TypeError as upstream raises it,
+    and a ValueError like every other bad config here."""
+
+
+def _get_commit_hash(pkg_name: str) -> Optional[str]:
+    """The VCS commit `pkg_name` was installed from (pip's `direct_url.json`, PEP 610), or None when unknown."""
+    try:
+        files = importlib.metadata.distribution(pkg_name).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.name == "direct_url.json":
+            vcs = json.loads(entry.locate().read_text()).get("vcs_info") or {}
+            return vcs.get("commit_id")
+    return None
+
+
+def _writer_version() -> str:
+    """The `peft_version` recorded in new configs: the package version; for a dev version (ambiguous on its own)
+    with `@<commit>` appended, or `@UNKNOWN` when the commit cannot be found."""
+    version = __version__
+    try:
+        from packaging.version import InvalidVersion, Version
+
+        is_dev = Version(version).is_devrelease
+    except (ImportError, InvalidVersion):
+        is_dev = False
+    if not is_dev:
+        return version
+    try:
+        commit = _get_commit_hash("peft")
+    except Exception as exc:  # noqa: BLE001 - recording a version must never break building a config
+        warnings.warn(f"A dev version of PEFT is used but there was an error while trying to determine the commit hash "
+                      f"({type(exc).__name__}: {exc}); peft_version is recorded as {version}@UNKNOWN.")
+        commit = None
+    return f"{version}@{commit or 'UNKNOWN'}"
 
 
 def _inert(value: Any) -> bool:
@@ -48,7 +89,9 @@ class PeftConfig:
     unsupported_upstream_fields: ClassVar[tuple[str, ...]] = ()
     # What each field accepts (this class's own fields; subclasses list theirs). `peft_type` is added per class.
     field_rules: ClassVar[dict[str, Rule]] = {
-        "task_type": optional(member_of(TaskType)),
+        "task_type": dataclasses.replace(optional(member_of(TaskType)), lead=lambda value: (
+            f"Invalid task type: {value!r}. Must be one of the following task types: {', '.join(_names(TaskType))}."
+        )),
         "base_model_name_or_path": optional(text(paths=True)),
         "revision": optional(text()),
         "inference_mode": boolean(),
@@ -58,9 +101,7 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.peft_version is None:
-            from . import __version__
-
-            self.peft_version = __version__
+            self.peft_version = _writer_version()
         self._check_combinations()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -126,13 +167,20 @@ class PeftConfig:
             raise ValueError(f"Malformed adapter config {path_json_file!r}: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"Adapter config {path_json_file!r} must hold a JSON object, got {type(data).__name__}.")
+        if "runtime_config" in data:  # settings of one session (upstream's LoraRuntimeConfig), never part of a file
+            warnings.warn(f"Ignoring the 'runtime_config' key in {path_json_file!r}: runtime settings are not stored "
+                          "with an adapter.")
+            del data["runtime_config"]
         return data
 
     @classmethod
     def from_peft_type(cls, _source: str = "<dict>", **kwargs) -> "PeftConfig":
         """Build the registered config class named by `kwargs['peft_type']` (must be `cls` or a subclass)."""
         if "peft_type" not in kwargs or kwargs["peft_type"] is None:
-            raise ValueError(f"Adapter config {_source!r} has no 'peft_type'; expected one of {_names(PeftType)}.")
+            raise MissingConfigKeysError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"({_source!r} has no 'peft_type'; expected one of {_names(PeftType)}; is it a PEFT adapter config?)"
+            )
         peft_type = _to_enum(PeftType, kwargs["peft_type"], "peft_type", source=_source)
         if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
             raise ValueError(f"peft_type {peft_type.value!r} in {_source!r} has no registered config class.")
@@ -154,7 +202,11 @@ class PeftConfig:
             raise ValueError(f"Adapter config {source!r} uses upstream features not supported here: {detail}.")
         dropped = sorted(k for k in extra if k not in cls.unsupported_upstream_fields)
         if dropped:
-            warnings.warn(f"Ignoring unknown keys in adapter config {source!r} for {cls.__name__}: {dropped}.")
+            warnings.warn(
+                f"Unexpected keyword arguments {dropped} for class {cls.__name__}, these are ignored. They are not "
+                f"fields of {cls.__name__} in this package (adapter config {source!r}); the file was probably written "
+                "by a newer PEFT version, so check the adapter behaves as intended."
+            )
         try:
             return cls(**known)
         except (TypeError, ValueError) as exc:
@@ -186,7 +238,13 @@ def _peft_type_rule(cls: type) -> Rule:
     def convert(value):
         if value is None:
             return default
-        if any_type.convert(value) is not default:
+        try:
+            given = any_type.convert(value)
+        except Refused:  # not a method name at all: the class decides, as upstream (which overwrites it)
+            warnings.warn(f"Ignoring peft_type={value!r} for {cls.__name__}, which is a {default.value} config; "
+                          f"peft_type is set to {default.value!r}.")
+            return default
+        if given is not default:  # another method: the caller meant a different config class
             raise Refused()
         return default
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .mapping import inject_adapter_in_model
 from .tuners.target_matching import _inside_adapter_machinery
+from .tuners.trainable_tokens.layer import TrainableTokensLayer
 from .tuners.tuners_utils import BaseTunerLayer
 from .utils.other import AuxiliaryTrainingWrapper, get_submodules
 from .utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
@@ -124,13 +125,20 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
                     param.data = param.data.to(torch.float32)
 
 
+def _base_weight(module: nn.Module):
+    """The base layer's weight (`nn.MultiheadAttention`: `in_proj_weight`), or None."""
+    base = module.get_base_layer()
+    weight = getattr(base, "weight", None)
+    return weight if weight is not None else getattr(base, "in_proj_weight", None)
+
+
 def keep_base_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
     """`autocast_adapter_dtype=False`: adapter `adapter_name`'s float weights take their base layer's fp16/bf16
     dtype (layers create them in fp32 for such bases). Quantized and fp32/fp64 bases keep the adapter as created."""
     for _, module in _adapter_modules(model):
         if not isinstance(module, BaseTunerLayer):
             continue
-        weight = getattr(module.get_base_layer(), "weight", None)
+        weight = _base_weight(module)
         if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_LOW:
             continue
         for param in _adapter_params(module, adapter_name):
@@ -147,7 +155,7 @@ def materialize_adapter(model: nn.Module, adapter_name: str) -> int:
     for _, module in _adapter_modules(model):
         if not isinstance(module, BaseTunerLayer):
             continue
-        weight = getattr(module.get_base_layer(), "weight", None)
+        weight = _base_weight(module)
         device = weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else torch.device("cpu")
         for attr in module.adapter_layer_names:
             container = getattr(module, attr, None)
@@ -188,10 +196,10 @@ def _base_key(root: nn.Module, key: str) -> Optional[str]:
     for i, part in enumerate(parts):
         child = module._modules.get(part) if module is not None else None
         if child is None:  # a parameter or buffer: the wrappers' own ones belong to adapters
-            wrapper = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+            wrapper = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper, TrainableTokensLayer))
             return None if wrapper else ".".join(kept + parts[i:])
-        if isinstance(module, BaseTunerLayer):
-            if part != "base_layer":
+        if isinstance(module, (BaseTunerLayer, TrainableTokensLayer)):  # trainable tokens: token_adapter.base_layer
+            if part != "base_layer" and not (part == "token_adapter" and isinstance(child, TrainableTokensLayer)):
                 return None
         elif isinstance(module, AuxiliaryTrainingWrapper):
             if part != "original_module" and not isinstance(child, BaseTunerLayer):

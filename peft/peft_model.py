@@ -94,12 +94,12 @@ class PeftModel(nn.Module):
         return getattr(self.get_base_model(), "dtype", None)
 
     def forward(self, *args, **kwargs):
-        _refuse_mixed_batch(kwargs)
-        return self.get_base_model()(*args, **kwargs)
+        with _per_sample_adapters(self, kwargs):
+            return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        _refuse_mixed_batch(kwargs)
-        return self.get_base_model().generate(*args, **kwargs)
+        with _per_sample_adapters(self, kwargs, generate=True):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -399,13 +399,11 @@ def _enable_input_grads(model: nn.Module) -> bool:
     return hooked() and hasattr(model, "disable_input_require_grads")
 
 
-def _refuse_mixed_batch(kwargs: dict) -> None:
-    """Upstream's per-sample adapters (`adapter_names=[...]` in forward/generate) are not implemented here."""
-    if "adapter_names" in kwargs:
-        raise ValueError(
-            f"adapter_names={kwargs['adapter_names']!r}: batches that mix adapters per sample are not supported by "
-            "this package; activate one adapter with set_adapter(name) (or several with base_model.set_adapter)."
-        )
+def _per_sample_adapters(model: PeftModel, kwargs: dict, generate: bool = False):
+    """`adapter_names=[...]` (popped from `kwargs`): one adapter per sample; see `peft.tuners.lora.mixed_batch`."""
+    from .tuners.lora.mixed_batch import per_sample_adapters
+
+    return per_sample_adapters(model, kwargs, generate)
 
 
 __all__ = ["PeftModel", "ModulesToSaveWrapper", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",

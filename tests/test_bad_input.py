@@ -289,7 +289,7 @@ def test_save_uses_temporary_name_then_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", recording_replace)
     monkeypatch.setattr(save_and_load, "SAFETENSORS_WEIGHTS_NAME", save_and_load.SAFETENSORS_WEIGHTS_NAME)
     _saved_adapter(tmp_path)
-    assert sorted(c[2] for c in calls) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(c[2] for c in calls) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert all(src != dst and folder == str(tmp_path) for folder, src, dst in calls)
 
 

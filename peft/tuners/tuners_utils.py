@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from abc import abstractmethod
 from contextlib import contextmanager, nullcontext
@@ -12,10 +13,21 @@ import torch
 from torch import nn
 
 from ..utils.adapter_names import check_adapter_name
-from ..utils.constants import TASK_TYPE_TO_HEAD_MODULES
+from ..utils.constants import DUMMY_MODEL_CONFIG, MIN_TARGET_MODULES_FOR_OPTIMIZATION, TASK_TYPE_TO_HEAD_MODULES
 from ..utils.other import ModulesToSaveWrapper, get_submodules
 from ..utils.transformers_weight_conversion import legacy_module_names
-from .target_matching import _inside_adapter_machinery, is_target
+from .target_matching import (
+    EXCLUDED,
+    _inside_adapter_machinery,
+    check_target_module_exists,
+    compress_target_modules,
+    no_match_error,
+    unmatched_target_warning,
+    unused_pattern_warnings,
+)
+from .target_matching import filter_state_dict_by_key_prefixes as _filter_state_dict_by_key_prefixes
+from .target_matching import minimal_target_suffixes as _find_minimal_target_modules
+from .target_matching import tuner_state_dict_key_prefixes as _get_tuner_state_dict_key_prefixes
 from .tuner_layer import BaseTunerLayer
 
 
@@ -137,16 +149,20 @@ class BaseTuner(nn.Module):
         if hasattr(config, "validate"):  # containers edited in place (config.rank_pattern[k] = v) skip __setattr__
             config.validate()
         self._check_new_adapter_config(config)
-        model_config = _model_config_dict(model)
-        config = self._prepare_adapter_config(config, model_config)
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        keys = [k for k, _ in model.named_modules() if k and not _inside_adapter_machinery(k)]
+        if getattr(config.peft_type, "value", config.peft_type) != "IA3":  # its feedforward_modules: a subset
+            config.target_modules = compress_target_modules(config.target_modules, keys,
+                                                            MIN_TARGET_MODULES_FOR_OPTIMIZATION)
         self.peft_config[adapter_name] = config
-        protected = set(config.modules_to_save or [])
         legacy = legacy_module_names(model)  # transformers v5 renamed modules: a config may name the old ones
-        matched = []
-        for key, _ in list(model.named_modules()):
-            if not key or _inside_adapter_machinery(key) or _under(key, protected):
+        matched, excluded = [], []
+        for key in keys:
+            found = check_target_module_exists(config, key)
+            if found is EXCLUDED or (key in legacy and check_target_module_exists(config, legacy[key]) is EXCLUDED):
+                excluded.append(key)
                 continue
-            if not (is_target(config, key) or (key in legacy and is_target(config, legacy[key]))):
+            if not (found or (key in legacy and check_target_module_exists(config, legacy[key]))):
                 continue
             parent, target, target_name = get_submodules(model, key)
             with self._creation_device(config):
@@ -154,11 +170,12 @@ class BaseTuner(nn.Module):
             matched.append(key)
         matched_params = self._inject_parameters(model, config, adapter_name)
         if not matched and not matched_params:
-            raise ValueError(
-                f"target_modules={_show(config.target_modules)} (layers_to_transform={config.layers_to_transform}, "
-                f"exclude_modules={_show(config.exclude_modules)}) matched no module of "
-                f"{type(model).__name__}; some module names: {_sample_names(model)}."
-            )
+            raise no_match_error(config, model, excluded, unmatched=len(keys) > len(excluded))
+        warning = unmatched_target_warning(config, matched, matched_params, excluded)
+        if warning is not None:
+            warnings.warn(*warning)
+        for message in unused_pattern_warnings(config, matched + [k.rpartition(".")[0] for k in matched_params]):
+            warnings.warn(message, RuntimeWarning)
         known = getattr(self, "targeted_module_names", [])
         self.targeted_module_names = known + [k for k in matched if k not in known]
         params = getattr(self, "targeted_parameter_names", [])
@@ -203,6 +220,18 @@ class BaseTuner(nn.Module):
         from .trainable_tokens.inject import inject_trainable_tokens
 
         inject_trainable_tokens(model, config, adapter_name, self.active_adapters)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """`model.config` as a dict (`to_dict()`, a dict, or a dataclass); `{"model_type": "custom"}` without one."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return dict(DUMMY_MODEL_CONFIG)
+        if hasattr(config, "to_dict"):
+            return config.to_dict()
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return dataclasses.asdict(config)
+        return dict(config)
 
     # --- adapter management -------------------------------------------------------------------------------------
     def tuner_layers(self):
@@ -326,6 +355,8 @@ class BaseTuner(nn.Module):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None: ...
 
 
+_model_config_dict = BaseTuner.get_model_config  # the name LoRA-GA's helpers import
+
 _CONTAINER_TYPES = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
@@ -350,25 +381,11 @@ def _adapter_param(name: str, adapter_name: str) -> bool:
     return adapter_name in parts and any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
 
 
-def _under(key: str, names: set[str]) -> bool:
-    parts = key.split(".")
-    return any(".".join(parts[i:j]) in names for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
-
-
-def _model_config_dict(model: nn.Module) -> dict:
-    config = getattr(model, "config", None)
-    if config is None:
-        return {"model_type": "custom"}
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-def _show(value) -> str:
-    return repr(sorted(value) if isinstance(value, (set, frozenset)) else value)
-
-
-def _sample_names(model: nn.Module, limit: int = 12) -> list[str]:
-    names = [k for k, m in model.named_modules() if k and not list(m.children())]
-    return names[:limit] + (["..."] if len(names) > limit else [])
-
-
-__all__ = ["BaseTuner", "BaseTunerLayer"]
+__all__ = [
+    "BaseTuner",
+    "BaseTunerLayer",
+    "_filter_state_dict_by_key_prefixes",
+    "_find_minimal_target_modules",
+    "_get_tuner_state_dict_key_prefixes",
+    "check_target_module_exists",
+]

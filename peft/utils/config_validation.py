@@ -40,6 +40,9 @@ class Rule:
 
     expected: str
     convert: Callable[[Any], Any]
+    # Optional sentence put before the message for a refused value, `lead(value) -> str`, where callers match on
+    # fixed words (upstream's "Invalid task type: ..."); the message proper names the field, the value and `expected`.
+    lead: Optional[Callable[[Any], str]] = None
 
     def check(self, name: str, value: Any) -> Any:
         try:
@@ -48,7 +51,8 @@ class Rule:
             shown = value if refused.value is _UNSET else refused.value
             detail = f" ({refused.detail})" if refused.detail else ""
             expected = refused.expected or self.expected
-            raise ValueError(f"Invalid {name}{refused.where}={shown!r}: expected {expected}{detail}.") from None
+            message = f"Invalid {name}{refused.where}={shown!r}: expected {expected}{detail}."
+            raise ValueError(message if self.lead is None else f"{self.lead(value)} ({message})") from None
 
 
 def is_int(value: Any) -> bool:

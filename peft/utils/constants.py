@@ -8,6 +8,9 @@ WEIGHTS_NAME = "adapter_model.bin"
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 # What `BaseTuner.get_model_config` returns for a model without a transformers config.
 DUMMY_MODEL_CONFIG = {"model_type": "custom"}
+# A list-valued `target_modules` at least this long is replaced, at injection, by the shortest name suffixes that
+# select the same modules (`peft.tuners.target_matching.minimal_target_suffixes`); shorter lists are kept as given.
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
 
 # Default LoRA targets when `target_modules` is None, keyed by `model.config.model_type`.
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {

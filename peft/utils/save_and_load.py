@@ -51,6 +51,7 @@ def _wrapper_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
+            name = name.replace("_fsdp_wrapped_module.", "")  # FSDP (v1) module names; its state dict keys lack it
             prefix = f"{name}." if name else ""
             for file_key, key in module.adapter_state_dict_load_map(adapter_name).items():
                 out[prefix + key] = prefix + file_key
@@ -108,14 +109,16 @@ def _optional_load_keys(model: nn.Module, adapter_name: str, own: dict, model_ke
     """On-disk key -> model key of what else a file of this adapter may hold (nothing else ever loads):
 
     - upstream's repeat of a `modules_to_save` copy's bias as `<module>.modules_to_save.<param>` (bias="all");
-    - the biases the adapter's `bias` setting trains, under their own key (`<layer>.base_layer.bias` for an adapted
-      layer) or, for an adapted layer, `<layer>.bias` (older files of this fork);
+    - the model's biases outside the adapter containers, under their own key (`<layer>.base_layer.bias` for an
+      adapted layer) or, for an adapted layer, `<layer>.bias` (older files of this fork). A file holding a bias says
+      it was trained (upstream saves the biases of `bias="all"` / `"lora_only"`), so loading it reproduces the saved
+      model even when this config has `bias="none"`; `set_peft_model_state_dict` warns about those
+      (`_untrained_biases`);
     - the base weights of an input / output embedding the adapter targets (upstream's `save_embedding_layers`).
     """
-    config = getattr(model, "peft_config", {}).get(adapter_name)
     marker = f".modules_to_save.{adapter_name}."
     out = {key.replace(marker, ".modules_to_save.", 1): key for key in own.values() if marker in key}
-    for key in _trained_bias_keys(model, model_keys, getattr(config, "bias", "none")):
+    for key in _trained_bias_keys(model, model_keys, "all"):
         out[key] = key
         if key.endswith(".base_layer.bias"):
             out.setdefault(key[: -len(".base_layer.bias")] + ".bias", key)
@@ -131,8 +134,8 @@ def _in_adapter_container(key: str) -> bool:
 def _trained_bias_keys(model: nn.Module, model_keys, bias: str) -> list[str]:
     """`bias="all"`: every bias outside the adapter containers (upstream also writes `original_module` biases);
     `"lora_only"`: the base biases of the adapted layers; `"none"`: none."""
-    if bias == "all":
-        return [k for k in model_keys if k.split(".")[-1] == "bias" and not _in_adapter_container(k)]
+    if bias == "all":  # "bias", and `nn.MultiheadAttention`'s in_proj_bias / bias_k / bias_v
+        return [k for k in model_keys if "bias" in k.split(".")[-1] and not _in_adapter_container(k)]
     if bias != "lora_only":
         return []
     from ..tuners.tuners_utils import BaseTunerLayer
@@ -140,6 +143,14 @@ def _trained_bias_keys(model: nn.Module, model_keys, bias: str) -> list[str]:
     keys = (f"{name}.base_layer.bias" if name else "base_layer.bias"
             for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
     return [k for k in keys if k in model_keys]
+
+
+def _untrained_biases(model: nn.Module, adapter_name: str, loaded_keys, model_keys) -> list[str]:
+    """The loaded bias keys that adapter `adapter_name`'s `bias` setting does not train."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    trained = set(_trained_bias_keys(model, model_keys, getattr(config, "bias", "none")))
+    biases = set(_trained_bias_keys(model, model_keys, "all"))
+    return sorted(k for k in loaded_keys if k in biases and k not in trained)
 
 
 def _targeted_embedding_keys(model: nn.Module, adapter_name: str, model_keys) -> list[str]:
@@ -219,6 +230,10 @@ def set_peft_model_state_dict(
     elif unpaired:
         raise ValueError(f"{unpaired} Save the adapter again, or pass the config these weights were saved with "
                          "(PeftModel.from_pretrained(..., config=...)).")
+    untrained = _untrained_biases(model, adapter_name, targets, model_state.keys())
+    if untrained:
+        warnings.warn(f"Loading {len(untrained)} biases into adapter {adapter_name!r} whose `bias` setting does not "
+                      f"train them (the file was saved with trained biases): {untrained[:5]}.")
     with torch.no_grad():
         for key, tensor in targets.items():
             model_state[key].copy_(tensor)
@@ -237,7 +252,7 @@ def _load_error(adapter_name, model_state, unexpected, mismatched, refused, miss
         return (
             f"Adapter weights do not fit adapter {adapter_name!r} of this model: {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}{detail}. An adapter file may hold only the adapter's LoRA factors, its modules_to_save "
-            "copies, the biases its `bias` setting trains, its trainable-token rows, and the base weights of an "
+            "copies, the model's biases, its trainable-token rows, and the base weights of an "
             "embedding layer it adapts."
         )
     if missing:

@@ -12,6 +12,17 @@ from .param_wrapper import ParamWrapper
 from . import bnb  # noqa: E402, F401  (isort: skip)
 
 __all__ = [
-    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "MultiheadAttention",
-    "ParamWrapper",
+    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoraConfig", "LoraGAConfig", "LoraLayer", "LoraModel",
+    "MultiheadAttention", "ParamWrapper", "preprocess_loraga",
 ]
+
+
+def __getattr__(name: str):
+    """Upstream's LoRA-GA names, imported on first use (peft.tuners.loraga imports this package):
+    `LoraGAConfig` is upstream's sub-config for `LoraConfig(lora_ga_config=...)`, not `peft.LoraGAConfig` (this
+    package's LoRA-GA tuner config); see peft/tuners/loraga/upstream.py."""
+    if name in ("LoraGAConfig", "preprocess_loraga"):
+        from ..loraga import upstream
+
+        return upstream.LoraGASubConfig if name == "LoraGAConfig" else upstream.preprocess_loraga
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,9 @@ from ...utils.config_validation import (
     text,
 )
 from ...utils.peft_types import PeftType
-from .init_methods import LOFTQ_RULE, init_weights_rule
+from .corda import CordaConfig
+from .eva import EvaConfig
+from .init_methods import LOFTQ_RULE, check_data_driven_options, init_weights_rule, sub_config_rule
 
 _BIAS = ("none", "all", "lora_only")
 _INITS = (True, False, "gaussian")
@@ -70,16 +72,16 @@ def _check(ok: bool, name: str, value, expected: str) -> None:
 
 
 def _lora_ga_options(value):
-    """Upstream's `lora_ga_config` sub-config: a dict, or an object with LoRA-GA's option attributes."""
+    """Upstream's `lora_ga_config` sub-config: a dict, or an object with LoRA-GA's option attributes; stored as
+    `peft.tuners.lora.LoraGAConfig` (the sub-config class), as upstream does."""
     if not isinstance(value, dict) and not any(hasattr(value, k) for k in _LORA_GA_OPTIONS):
         raise Refused()
-    from ..loraga.config import LoraGAInitOptions
+    from ..loraga.upstream import LoraGASubConfig
 
     try:
-        LoraGAInitOptions.from_any(value)
+        return LoraGASubConfig.from_value(value)
     except ValueError as exc:
         raise Refused(str(exc).rstrip(".")) from None
-    return value
 
 
 def _token_indices(value):
@@ -111,6 +113,9 @@ class LoraConfig(PeftConfig):
             `peft.tuners.lora.param_wrapper`. Needs lora_dropout=0 and fan_in_fan_out=False.
         use_dora: DoRA (Liu et al. 2024): `W' = m / ||W + s B A||_c * (W + s B A)`, `m` a trained magnitude per
             output channel (see `peft.tuners.lora.dora`). lora_bias: lora_B gets a bias (B: Linear / Conv layers).
+        ensure_weight_tying: an adapted embedding and the layers tied to it (`tie_word_embeddings`) stay tied:
+            `modules_to_save` copies share one weight, LoRA factors are shared (see
+            `peft.tuners.trainable_tokens.tying`); with `trainable_token_indices`, tied layers need the same ids.
         trainable_token_indices: train only these rows of an embedding beside the LoRA layers: a list of token ids
             (the input embedding), or a dict from embedding module name to token ids, e.g. `{"embed_tokens": [5]}`.
     """
@@ -137,12 +142,17 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias (merged into the base's)."})
     target_parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Bare parameters to adapt (e.g. fused MoE experts 'mlp.experts.down_proj')."})
+    ensure_weight_tying: bool = field(default=False, metadata={
+        "help": "Keep tied layers tied (see `peft.tuners.trainable_tokens.tying`)."})
+    eva_config: Optional[EvaConfig] = field(default=None, metadata={"help": "EVA options (init_lora_weights='eva')."})
+    corda_config: Optional[CordaConfig] = field(
+        default=None, metadata={"help": "CorDA options (init_lora_weights='corda')."})
 
     peft_type_default: ClassVar[Optional[PeftType]] = PeftType.LORA
     unsupported_upstream_fields: ClassVar[tuple[str, ...]] = (
         "layer_replication", "megatron_config", "megatron_core",
-        "eva_config", "corda_config", "use_qalora",
-        "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config",
+        "use_qalora",
+        "qalora_group_size", "alora_invocation_tokens", "arrow_config", "kasa_config",
         "monteclora_config", "use_bdlora", "velora_config", "runtime_config",
     )
     field_rules: ClassVar[dict[str, Rule]] = {
@@ -166,19 +176,37 @@ class LoraConfig(PeftConfig):
         "use_dora": boolean(),
         "lora_bias": boolean(),
         "target_parameters": optional(sequence_of(text(), "parameter name strings")),
+        "ensure_weight_tying": boolean(),
+        "eva_config": sub_config_rule("eva_config", EvaConfig),
+        "corda_config": sub_config_rule("corda_config", CordaConfig),
     }
 
     def _check_combinations(self) -> None:
         super()._check_combinations()
         self._check_dora_and_lora_bias()
+        check_data_driven_options(self)
         _check(self.init_lora_weights != "loftq" or bool(self.loftq_config), "loftq_config", self.loftq_config,
                "a non-empty dict (e.g. {'loftq_bits': 4, 'loftq_iter': 1}) when init_lora_weights is 'loftq'")
-        if self.layers_to_transform is not None:
-            _check(not isinstance(self.target_modules, str), "target_modules", self.target_modules,
-                   "a list when layers_to_transform is set")
-        if self.layers_pattern is not None:
-            _check(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
-                   "to come with layers_to_transform")
+        for name in ("layers_to_transform", "layers_pattern"):  # upstream's wording first, then ours
+            if getattr(self, name) is not None and isinstance(self.target_modules, str):
+                raise ValueError(f"`{name}` cannot be used when `target_modules` is a str: target_modules="
+                                 f"{self.target_modules!r} is a regular expression on full module names, which "
+                                 f"{name} would not restrict; expected target_modules as a list of module names.")
+        if self.layers_pattern and self.layers_to_transform is None:  # [] / "" mean "any block list" (upstream)
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified "
+                             f"(got layers_pattern={self.layers_pattern!r}, layers_to_transform=None).")
+
+    def _register_custom_module(self, mapping: dict) -> None:
+        """Experimental (upstream's API): adapt modules of the given types with the given LoRA layer classes,
+        `{module_type: lora_layer_cls}`, tried before the built-in layers (see `peft.tuners.lora.dispatch`). Not
+        saved with the config: register again after `LoraConfig.from_pretrained`."""
+        for module_type, layer_cls in mapping.items():
+            if not (isinstance(module_type, type) and isinstance(layer_cls, type)):
+                raise ValueError(f"Invalid custom module mapping {module_type!r}: {layer_cls!r}; expected a module "
+                                 "class mapped to a LoRA layer class.")
+        custom = dict(getattr(self, "_custom_modules", None) or {})
+        custom.update(mapping)
+        object.__setattr__(self, "_custom_modules", custom)
 
     def _check_dora_and_lora_bias(self) -> None:
         """DoRA and `lora_bias` exclude each other and LoRA-GA (whose init and final save assume `W + s B A`);

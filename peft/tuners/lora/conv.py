@@ -15,6 +15,7 @@ from torch import nn
 
 from .conv_math import check_rank_divides_groups, conv_delta_kernel
 from .layer import LoraLayer
+from .mixed_batch import mixed_forward
 
 
 class ConvMergeError(ValueError, NotImplementedError):
@@ -77,7 +78,11 @@ class _ConvNd(nn.Module, LoraLayer):
             )
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
+    supports_mixed_batch = True  # `adapter_names=[...]`: one adapter per sample (see .mixed_batch)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if "adapter_names" in kwargs:
+            return mixed_forward(self, x, kwargs.pop("adapter_names"), *args, **kwargs)
         result = self._base_forward(x, *args, **kwargs)
         return self._add_lora_branches(x, result, result.dtype)
 

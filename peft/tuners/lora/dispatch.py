@@ -43,13 +43,27 @@ def dispatch_default(target: nn.Module, adapter_name: str, lora_config, **kwargs
     return None
 
 
+def dispatch_custom(target: nn.Module, adapter_name: str, lora_config, **kwargs) -> Optional[nn.Module]:
+    """The user's own layer classes (`LoraConfig._register_custom_module({module_type: layer_cls})`), first match
+    by `isinstance` in registration order; the class is called as `layer_cls(target, adapter_name, config=...,
+    **layer kwargs)`, upstream's calling convention."""
+    custom = getattr(lora_config, "_custom_modules", None)
+    if not custom:
+        return None
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    for module_type, layer_cls in custom.items():
+        if isinstance(base, module_type):
+            return layer_cls(target, adapter_name, config=lora_config, **kwargs)
+    return None
+
+
 # Backends (bitsandbytes, ...) insert their dispatcher at the front: they handle subclasses of nn.Linear.
 DISPATCHERS: list[Dispatcher] = [dispatch_default]
 
 
 def create_lora_module(target: nn.Module, adapter_name: str, lora_config, key: str, **kwargs) -> nn.Module:
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    for dispatch in DISPATCHERS:
+    for dispatch in [dispatch_custom, *DISPATCHERS]:  # a user's registered classes win over the built-in ones
         try:
             module = dispatch(target, adapter_name, lora_config, **kwargs)
         except UnsupportedTargetError as err:

@@ -11,6 +11,7 @@ from torch import nn
 from .dora import dora_factor, dora_output
 from .functional import delta_weight
 from .layer import LoraLayer
+from .mixed_batch import mixed_forward
 
 
 class Embedding(nn.Module, LoraLayer):
@@ -54,17 +55,25 @@ class Embedding(nn.Module, LoraLayer):
         """(num_embeddings, dim) <-> (dim, num_embeddings): DoRA's output channel is the embedding dim."""
         return weight.T
 
+    def _embedding_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`s * B A^T[x]` (..., dim): the rows of A^T that `x` looks up, through B^T."""
+        base, (A, B) = self.get_base_layer(), self._factors(name)
+        rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)  # (..., r)
+        return (rows @ B.T) * self.scaling[name]
+
+    supports_mixed_batch = True  # `adapter_names=[...]`: one adapter per sample (see .mixed_batch)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if "adapter_names" in kwargs:
+            return mixed_forward(self, x, kwargs.pop("adapter_names"), *args, **kwargs)
         result = self._base_forward(x, *args, **kwargs)
         names = self._lora_active()
         if not names:
             return result
-        base, out_dtype = self.get_base_layer(), result.dtype
+        out_dtype = result.dtype
         for name in names:
-            A, B = self._factors(name)
-            rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                               base.sparse)  # (..., r)
-            lora_out = (rows @ B.T) * self.scaling[name]
+            lora_out = self._embedding_branch(name, x)
             if self.use_dora.get(name):  # f * (E + dE)[x] = result + (f - 1) * result + f * dE[x]; no dropout
                 factor = dora_factor(self.lora_magnitude_vector[name].weight, self._dora_norm(name))
                 result = dora_output(result, result, lora_out, factor, channel_dim=-1)

@@ -10,8 +10,8 @@ Notation: W is the (m, n) = (out, in) base weight, s the adapter's scale, A (r, 
   both factors are non-zero (r must be even); the base is not touched.
 
 All three leave the model output unchanged at init: `(W - s B A) + s B A = W`, up to one rounding of the base to its
-dtype. "corda" and "eva" need data (a covariance pass / SVD of activations); they are refused with
-NotImplementedError naming the option.
+dtype. "corda" and "eva" need data: "corda" reads the `eigens` that `preprocess_corda` attached to the base layer
+(`peft.tuners.lora.corda`); "eva" zeroes B and leaves A to `initialize_lora_eva_weights` (`peft.tuners.lora.eva`).
 
 - "loftq" (Li et al. 2023), with `loftq_config={"loftq_bits": 4 or 8, "loftq_iter": T}`: alternate T times
   `Q = deq(quant(W - B A))`, `B A = best rank-r approximation of W - Q`; the base becomes the float `Q` and
@@ -35,6 +35,7 @@ import torch
 from ...utils.config_validation import Refused, Rule
 
 BASE_CHANGING = ("pissa", "olora", "corda")  # inits that rewrite W (warned about next to other adapters)
+# (eva_config / corda_config: see `check_data_driven_options`)
 DATA_DRIVEN = ("corda", "eva")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 _NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA"}
@@ -134,10 +135,9 @@ def _set_factors(layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> 
 
 def initialise_from_weight(layer, adapter_name: str, init: str) -> None:
     """Apply `init` (a string `is_weight_init` accepts) to `layer`'s adapter `adapter_name`."""
-    if init in DATA_DRIVEN:
-        raise NotImplementedError(f"init_lora_weights={init!r} is not implemented in this package (it needs a "
-                                  "calibration-data pass); use 'pissa', 'olora', 'orthogonal', 'loftq', 'lora_ga', "
-                                  "'gaussian' or True.")
+    if init == "eva":  # A comes from initialize_lora_eva_weights (peft.tuners.lora.eva); B zero until then
+        torch.nn.init.zeros_(layer.lora_B[adapter_name].weight)
+        return
     if init == "loftq":
         raise ValueError("init_lora_weights='loftq' is applied by LoraModel from LoraConfig.loftq_config; a layer "
                          "alone cannot apply it.")
@@ -151,6 +151,10 @@ def initialise_from_weight(layer, adapter_name: str, init: str) -> None:
         A, B = orthogonal_factors(layer.in_features, layer.out_features, r, layer.get_base_layer().weight.dtype)
         _set_factors(layer, adapter_name, A, B)
         return
+    if init == "corda":
+        from .corda import corda_init_layer
+
+        return corda_init_layer(layer, adapter_name)
     weight, quantized = _read_weight(layer)
     if init.lower() == "olora":  # upstream accepts any case here ("OLoRA")
         A, B = olora_factors(weight, r)
@@ -255,3 +259,37 @@ def loftq_layer(layer, adapter_name: str, options: dict) -> None:
                             bnb_quantizer(options.get("loftq_bits", 4), device))
     _set_factors(layer, adapter_name, A, B)
     _write_weight(layer, Q.to(weight.device), quantized=False)
+
+
+# --- EVA / CorDA sub-configs --------------------------------------------------------------------------------------
+def sub_config_rule(name: str, cls) -> Rule:
+    """`None`, a `cls` instance, or a dict of its fields (as read back from adapter_config.json)."""
+
+    def convert(value):
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            try:
+                return cls(**value)
+            except (TypeError, ValueError) as exc:
+                raise Refused(str(exc).rstrip(".")) from None
+        raise Refused()
+
+    return Rule(f"None, a {cls.__name__} or a dict of its fields", convert)
+
+
+def check_data_driven_options(config) -> None:
+    """Upstream's warnings: 'eva' / 'corda' without their sub-config get the default one; a sub-config without its
+    init is ignored."""
+    pairs = (("eva", "eva_config", "eva.EvaConfig"), ("corda", "corda_config", "corda.CordaConfig"))
+    for init, attr, cls_path in pairs:
+        value = getattr(config, attr, None)
+        if config.init_lora_weights == init and value is None:
+            warnings.warn(f"`init_lora_weights` is '{init}' but `{attr}` is not specified. Using default "
+                          f"{'EVA' if init == 'eva' else 'CorDA'} config.")
+            module, name = cls_path.split(".")
+            import importlib
+
+            setattr(config, attr, getattr(importlib.import_module(f".{module}", __package__), name)())
+        elif config.init_lora_weights != init and value is not None:
+            warnings.warn(f"`{attr}` specified but will be ignored when `init_lora_weights` is not '{init}'.")

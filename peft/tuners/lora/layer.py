@@ -11,10 +11,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ...utils.warning import PeftWarning
 from ..tuners_utils import BaseTunerLayer
 from .dora import DoraLayerMixin, base_weight_before_merges, channel_norm, dora_weight
 from .functional import delta_weight, lora_scaling
 from .init_methods import initialise_from_weight, is_weight_init
+from .mixed_batch import mixed_forward
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -33,12 +35,11 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
         return base_layer.embed_dim, 3 * base_layer.embed_dim
     if kind == "Conv1D":
         return base_layer.weight.shape[0], base_layer.weight.shape[1]
-    if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+    if isinstance(base_layer, nn.Linear):  # bitsandbytes' layers too
         return base_layer.in_features, base_layer.out_features
-    raise ValueError(
-        f"Cannot read the in/out features of a {kind}; expected a Linear, Conv1D, Embedding, Conv1d/2d/3d or "
-        "MultiheadAttention."
-    )
+    # a user's own module type, adapted by a layer class registered with LoraConfig._register_custom_module
+    warnings.warn(f"Unsupported layer type '{type(base_layer)}' encountered, proceed at your own risk.", UserWarning)
+    return getattr(base_layer, "in_features", None), getattr(base_layer, "out_features", None)
 
 
 def available_memory_bytes() -> Optional[int]:
@@ -147,7 +148,7 @@ class LoraLayer(DoraLayerMixin, BaseTunerLayer):
             warnings.warn(
                 f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
                 "has no bias. This means that merging LoRA weights won't be possible.",
-                UserWarning,
+                PeftWarning,
             )
         self._check_factor_size(adapter_name, r)
         self.r[adapter_name] = r
@@ -373,7 +374,11 @@ class Linear(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
                           use_dora=use_dora, lora_bias=lora_bias)
 
+    supports_mixed_batch = True  # `adapter_names=[...]`: one adapter per sample (see .mixed_batch)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if "adapter_names" in kwargs:
+            return mixed_forward(self, x, kwargs.pop("adapter_names"), *args, **kwargs)
         result = self._base_forward(x, *args, **kwargs)
         return self._add_lora_branches(x, result, result.dtype)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -19,6 +21,9 @@ class LoraModel(BaseTuner):
     tuner_layer_cls = LoraLayer
 
     def _prepare_adapter_config(self, config, model_config: dict):
+        from ..trainable_tokens.tying import plan_weight_tying
+
+        plan_weight_tying(self.model, config)  # ensure_weight_tying (upstream: before the defaults are filled in)
         if config.target_modules is None:
             model_type = model_config.get("model_type")
             defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
@@ -68,9 +73,31 @@ class LoraModel(BaseTuner):
         super().inject_adapter(model, adapter_name)
 
     def _inject_parameters(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        from ..trainable_tokens.tying import tie_lora_targets
         from .param_wrapper import inject_target_parameters
 
+        def create(key: str) -> None:  # a module tied to the input embedding: its factors become the embedding's
+            parent, target, name = get_submodules(model, key)
+            with self._creation_device(config):
+                self._create_and_replace(config, adapter_name, target, name, parent, current_key=key)
+
+        tied = tie_lora_targets(model, config, adapter_name, create)
+        known = getattr(self, "targeted_module_names", [])
+        self.targeted_module_names = known + [k for k in tied if k not in known]
         return inject_target_parameters(self, model, config, adapter_name)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for _, layer in self.tuner_layers():  # trainable-token wrappers refuse overlapping rows before any change
+            if hasattr(layer, "check_set_adapter"):
+                layer.check_set_adapter(names)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> None:
+        from ..trainable_tokens.tying import tie_modules_to_save
+
+        super()._wrap_modules_to_save(model, config, adapter_name)
+        tie_modules_to_save(model, config, adapter_name)  # ensure_weight_tying: tied copies share the embedding's
 
     def _check_same_target_parameters(self, config) -> None:
         """Adapters with `target_parameters` must all target the same parameters (their wrappers nest in one order)."""
@@ -106,6 +133,12 @@ class LoraModel(BaseTuner):
         from .weighted import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+    def _enable_peft_forward_hooks(self, *args, adapter_names=None, num_beams=None, **kwargs):
+        """Context for a forward/generate with one adapter per sample (`adapter_names`; see `.mixed_batch`)."""
+        from .mixed_batch import mixed_adapter_context
+
+        return nullcontext() if adapter_names is None else mixed_adapter_context(self, adapter_names, num_beams)
 
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
         """A layer nesting another LoRA layer (`MultiheadAttention`'s out_proj) unloads both itself first."""

@@ -9,9 +9,10 @@ itself (never by `id()`, which a later object may reuse):
 - `register_gradients` (the upstream `preprocess_loraga` route, which has no context manager): a weak mapping from
   the model to its gradients, so they die with the model; the initialisation that uses them drops them.
 
-Nothing is stored on the model or its modules. Gradients are looked up by module name, with the adapter machinery
-spelled out of the name (`base_model.model.` prefix, `.base_layer`), so names taken on a plain model and on a
-`PeftModel` around it agree.
+Nothing is stored on the model or its modules, except upstream's documented `module._peft_loraga_grad` view that
+`preprocess_loraga` sets (the same tensors), removed together with the pending entry. Gradients are looked up by
+module name, with the adapter machinery spelled out of the name (`base_model.model.` prefix, `.base_layer`), so
+names taken on a plain model and on a `PeftModel` around it agree.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from torch import nn
 _OPEN: list["LoraGAContext"] = []  # contexts inside their `with` block, innermost last
 # preprocess_loraga: unwrapped model -> normalized name -> gradient; an entry dies with its model
 _PENDING: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# preprocess_loraga: unwrapped model -> names of its targets that no backward pass reached (LoRA's default init)
+_UNREACHED: "weakref.WeakKeyDictionary[nn.Module, frozenset[str]]" = weakref.WeakKeyDictionary()
+UPSTREAM_GRAD_ATTR = "_peft_loraga_grad"  # where upstream's preprocess_loraga shows a target's gradient
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -105,18 +109,40 @@ def consume_gradient(model: nn.Module, name: str) -> None:
     pending = _PENDING.get(plain)
     if _open_context(plain) is not None or pending is None:
         return
-    pending.pop(normalize_name(name), None)
+    _drop_grad_attributes(plain, [pending.pop(normalize_name(name), None)])
     if not pending:
         forget_gradients(plain)
 
 
-def register_gradients(model: nn.Module, named_grad: dict[str, torch.Tensor]) -> None:
+def register_gradients(model: nn.Module, named_grad: dict[str, torch.Tensor], unreached: frozenset = frozenset()
+                       ) -> None:
     """Make `named_grad` the pending gradients of `model` until an initialisation uses them, or the model is
-    garbage collected (the upstream `preprocess_loraga` route, which has no context manager)."""
-    _PENDING[unwrap_model(model)] = by_plain_name(named_grad)
+    garbage collected (the upstream `preprocess_loraga` route, which has no context manager). `unreached`: target
+    names that got no gradient (they keep LoRA's default init instead of raising)."""
+    forget_gradients(model)
+    plain = unwrap_model(model)
+    _PENDING[plain] = by_plain_name(named_grad)
+    _UNREACHED[plain] = frozenset(normalize_name(n) for n in unreached)
+
+
+def unreached_targets(model: nn.Module) -> frozenset:
+    """`register_gradients`' unreached names for `model`, while no LoraGAContext is open for it."""
+    plain = unwrap_model(model)
+    return frozenset() if _open_context(plain) is not None else _UNREACHED.get(plain, frozenset())
+
+
+def _drop_grad_attributes(model: nn.Module, tensors: Optional[list] = None) -> None:
+    """Remove `UPSTREAM_GRAD_ATTR` from `model`'s modules: all, or those holding one of `tensors`."""
+    for module in model.modules():
+        held = module.__dict__.get(UPSTREAM_GRAD_ATTR)
+        if held is not None and (tensors is None or any(held is t for t in tensors)):
+            del module.__dict__[UPSTREAM_GRAD_ATTR]
 
 
 def forget_gradients(model: nn.Module) -> None:
     """Drop any pending gradients of `model` (after the injection that used them: what is left was estimated on
     the base before its offset, and must not initialise a later adapter)."""
-    _PENDING.pop(unwrap_model(model), None)
+    plain = unwrap_model(model)
+    if _PENDING.pop(plain, None) is not None:
+        _drop_grad_attributes(plain)
+    _UNREACHED.pop(plain, None)

@@ -20,7 +20,7 @@ from torch import nn
 from ..lora.layer import LoraLayer
 from ..lora.model import LoraModel
 from ..lora.param_wrapper import ParamWrapper, module_path
-from . import distributed, quant
+from . import distributed, quant, upstream
 from .config import LoraGAInitOptions
 from .context import active_gradients, by_plain_name, consume_gradient, forget_gradients, normalize_name
 from .init_math import check_rank, lora_ga_factors, offset_weight
@@ -229,6 +229,8 @@ def init_from_gradients(tuner, layer: LoraLayer, config, adapter_name: str, key:
         return
     name, names = normalize_name(key), distributed.gradient_names(grads)
     if name not in names:
+        if upstream.unreached_fallback(tuner.model, layer, adapter_name, name):  # preprocess_loraga, no backward
+            return
         raise ValueError(f"No estimated gradient for target module {key!r}; the gradients cover {len(names)} modules "
                          f"(e.g. {names[:5]}). Estimate with the same model and targets (peft_config=...).")
     _check_own_weight(tuner.model, layer, key)

@@ -1,4 +1,5 @@
-"""Prompt-learning configs (prefix tuning, prompt tuning, P-tuning): configs only, no tuner in this package."""
+"""Prompt-learning configs (prefix tuning, prompt tuning, P-tuning) and P-tuning's `PromptEncoder` module; no tuner
+(model) for these methods in this package."""
 
 from .config import (
     PrefixTuningConfig,
@@ -9,9 +10,11 @@ from .config import (
     PromptTuningInit,
     not_implemented_error,
 )
+from .encoder import PromptEncoder
 
 __all__ = [
     "PrefixTuningConfig",
+    "PromptEncoder",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptLearningConfig",

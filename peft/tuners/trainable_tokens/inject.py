@@ -11,6 +11,7 @@ range, and any later LoRA layer or `modules_to_save` copy put around a trainable
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -35,7 +36,7 @@ def inject_trainable_tokens(model: nn.Module, config, adapter_name: str, active_
     targets = _resolve_targets(model, spec)
     for key in targets:
         _check_target(model, key)
-    own = _drop_tied_targets(model, targets)
+    own = _drop_tied_targets(model, targets, getattr(config, "ensure_weight_tying", False))
     touched = []
     for key, ids in own.items():
         module = model.get_submodule(key)
@@ -113,9 +114,12 @@ def _check_target(model: nn.Module, key: str) -> None:
                          "nn.Embedding (or an nn.Linear output layer).")
 
 
-def _drop_tied_targets(model: nn.Module, targets: dict[str, list[int]]) -> dict[str, list[int]]:
+def _drop_tied_targets(model: nn.Module, targets: dict[str, list[int]], ensure_tying: bool = False):
     """The targets that get rows of their own: a named layer sharing a named embedding's weight with the same ids
-    is left out (it will be tied to that embedding's wrapper); with other ids it trains its own rows."""
+    is left out (it will be tied to that embedding's wrapper); with other ids it trains its own rows, or, with
+    `ensure_weight_tying`, is refused. `ensure_weight_tying` on a model whose weights are not tied warns."""
+    if ensure_tying:
+        _check_tying_possible(model, targets)
     embeddings = {}
     for key, ids in targets.items():
         base = _unwrapped(model.get_submodule(key))
@@ -134,6 +138,22 @@ def _drop_tied_targets(model: nn.Module, targets: dict[str, list[int]]) -> dict[
         if not (tied_to_source and source[1] == ids):
             own[key] = ids
     return own
+
+
+def _check_tying_possible(model: nn.Module, targets: dict[str, list[int]]) -> None:
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        warnings.warn("ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings=False). "
+                      "Weight tying will not be applied for trainable_token_indices.")
+        return
+    by_weight: dict[int, list[str]] = {}
+    for key in targets:
+        by_weight.setdefault(id(_unwrapped(model.get_submodule(key)).weight), []).append(key)
+    for keys in by_weight.values():
+        if len({tuple(targets[k]) for k in keys}) > 1:
+            detail = ", ".join(f"{k}: {targets[k]}" for k in keys)
+            raise ValueError(f"Cannot ensure weight tying when different token indices are specified for tied layers "
+                             f"({detail}); give them the same indices or set ensure_weight_tying=False.")
 
 
 def _tie_followers(model: nn.Module, source: TrainableTokensWrapper, adapter_name: str) -> list:

@@ -9,7 +9,8 @@ so the tuner's `set_adapter`, `merge_adapter`, `unmerge_adapter`, `merge_and_unl
 `set_requires_grad` and `disable_adapter` treat it like an adapter layer.
 
 Tied weights: when the output layer shares the embedding's weight (`tie_word_embeddings`), it gets a wrapper
-*tied* to the embedding's: it owns no rows, reads the embedding wrapper's, and saves nothing. Merging writes the
+*tied* to the embedding's: its `token_adapter` holds the embedding wrapper's containers (the same objects, as in
+upstream), and it saves nothing. Merging writes the
 rows into the shared weight once, so both layers see them.
 """
 
@@ -44,6 +45,8 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper, BaseTunerLayer):
             raise ValueError("TrainableTokensWrapper needs either token_indices or tied_to, not both or neither.")
         self.token_adapter = TrainableTokensLayer(module)
         self._tied = [tied_to] if tied_to is not None else []  # a list: the other wrapper is not our submodule
+        if tied_to is not None:  # the source's containers (upstream: `tied.token_adapter.X is source.token_adapter.X`)
+            _share_containers(self.token_adapter, tied_to.token_adapter)
         self._active_adapter: Union[str, list[str]] = adapter_name
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -58,6 +61,17 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper, BaseTunerLayer):
     @property
     def original_module(self) -> nn.Module:  # upstream's name
         return self.token_adapter.base_layer
+
+    @property
+    def in_features(self) -> int:
+        """Embedding: `num_embeddings`; a linear output layer: its own `in_features`."""
+        base = self.base_layer
+        return base.num_embeddings if isinstance(base, nn.Embedding) else base.in_features
+
+    @property
+    def out_features(self) -> int:
+        base = self.base_layer
+        return base.embedding_dim if isinstance(base, nn.Embedding) else base.out_features
 
     @property
     def tied_to(self) -> Optional["TrainableTokensWrapper"]:
@@ -91,6 +105,26 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper, BaseTunerLayer):
         if self._tied:
             raise ValueError("A tied TrainableTokensWrapper has no rows of its own; update the wrapper it is tied to.")
         self.token_adapter.add_rows(adapter_name, token_indices)
+
+    def check_set_adapter(self, adapter_names: Union[str, list[str]]) -> list[str]:
+        """The names among `adapter_names` with rows here; adapters whose token ids overlap cannot be active
+        together (their rows would replace the same rows of the matrix)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        held = [n for n in names if n in self.token_indices]
+        try:
+            check_disjoint(self.token_indices, held)
+        except ValueError as exc:
+            raise ValueError(f"Only one adapter can be set at a time for TrainableTokensWrapper when their token ids "
+                             f"overlap: {exc}") from None
+        return held
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Activate (and make trainable) the named adapters that have rows here; `active_adapters` lists only those
+        (as upstream: an adapter without rows here is not active on this layer)."""
+        held = self.check_set_adapter(adapter_names)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        super().set_adapter(names)
+        self._active_adapter = held
 
     def _active_with_rows(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.token_indices]
@@ -183,3 +217,12 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper, BaseTunerLayer):
 
     def extra_repr(self) -> str:
         return "tied: reads the rows of the embedding wrapper it follows" if self._tied else ""
+
+
+def _share_containers(own: TrainableTokensLayer, source: TrainableTokensLayer) -> None:
+    """Make `own`'s containers the very objects of `source`, as plain attributes, not submodules: the rows stay
+    registered (saved, moved, counted) once, under the source."""
+    for name in ("trainable_tokens_delta", "trainable_tokens_original"):
+        del own._modules[name]
+        object.__setattr__(own, name, getattr(source, name))
+    own.token_indices = source.token_indices

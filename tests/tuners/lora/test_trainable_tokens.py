@@ -290,9 +290,9 @@ def test_several_adapters_set_adapter_and_delete_adapter():
 def test_overlapping_rows_cannot_be_active_together():
     model = get_peft_model(tiny_llama(), lora())
     model.add_adapter("other", lora(trainable_token_indices={"embed_tokens": [IDS[0]]}))
-    model.base_model.set_adapter(["default", "other"])
-    with pytest.raises(ValueError, match=f"both train token {IDS[0]}"):
-        logits(model)
+    with pytest.raises(ValueError, match=f"both train token {IDS[0]}"):  # refused when set (upstream's rule)
+        model.base_model.set_adapter(["default", "other"])
+    assert model.base_model.active_adapters == ["default"]
 
 
 # --- save and load --------------------------------------------------------------------------------------------------
