@@ -42,7 +42,8 @@ def pytest_collection_modifyitems(session, config, items):
         if greps and not all(g in item.nodeid for g in greps) or any(v in item.nodeid for v in vgreps):
             dropped.append(item)
             continue
-        verdict = selector.classify(item.nodeid)
+        callspec = getattr(item, "callspec", None)
+        verdict = selector.classify_item(item.nodeid, callspec.params if callspec is not None else None)
         verdicts[(item.nodeid.split("::", 1)[0], verdict)] += 1
         (kept if verdict == KEPT else dropped).append(item)
     if dropped:

@@ -64,7 +64,7 @@ def _normalise_id(nodeid: str) -> str:
 
 
 def summarize(results: dict[str, dict], selection: list[dict], deselected_files: dict[str, str] | None = None,
-              top: int = 25) -> dict:
+              top: int | None = None) -> dict:
     """Counts per file and in total, deselected counts by reason, failure groups (largest first, with one example).
 
     `deselected_files` maps a file whose collection failed to its file-level verdict when the rule drops it anyway
@@ -102,7 +102,7 @@ def summarize(results: dict[str, dict], selection: list[dict], deselected_files:
         "per_file": {f: {k: c[k] for k in OUTCOMES} for f, c in sorted(per_file.items())},
         "deselected": dict(deselected.most_common()),
         "deselected_by_family": dict(_families(deselected).most_common()),
-        "failure_groups": ranked[:top],
+        "failure_groups": ranked[:top],  # top=None: every group
         "failure_group_count": len(ranked),
     }
 
@@ -142,7 +142,7 @@ def to_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(out: Path, deselected_files: dict[str, str] | None = None, top: int = 25) -> dict:
+def build(out: Path, deselected_files: dict[str, str] | None = None, top: int | None = None) -> dict:
     """Read `out/results.json` and `out/selection.json`, write `out/report.json` and `out/report.md`."""
     results = json.loads((out / "results.json").read_text())
     selection_path = out / "selection.json"

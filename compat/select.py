@@ -12,7 +12,11 @@ Each collected test id gets one verdict, checked in this order:
    (`LOKR`, `test_ia3_...`, `TestAdaLoraInitialization`) is `other-tuner:<name>`; a variant word (`VARIANT_WORDS`)
    is `lora-variant:<name>` (always checked: `Vanilla MLP 1 LoRA with KaSA-MLP-LoraConfig-...`); tuner names
    only count when step 4 found no config class (so `LoRA + trainable tokens ...-LoraConfig-...` stays).
-6. Everything else is `kept`: LoRA and generic tests.
+6. By the parametrized values (`item.callspec.params`, see `classify_params`), for ids the steps above keep: a
+   variant config class (`VARIANT_CONFIGS`) as a value, or a variant word (`VARIANT_WORDS`) as a dict key / config
+   attribute with a set value (`{"alora_invocation_tokens": [1]}`) or as a whole string value (`"mica"`), is
+   `lora-variant:<word> (param)`. Only LoRA sub-variants are found this way, never other tuners.
+7. Everything else is `kept`: LoRA and generic tests.
 
 Network and GPU needs that only show at run time (a hub model id offline, a skip for a missing accelerator) are
 classified from the outcome in `compat.report`, not here.
@@ -20,6 +24,7 @@ classified from the outcome in `compat.report`, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -108,6 +113,54 @@ class Selector:
             return KEPT
         return self._by_words(self.tuner_patterns, words, "other-tuner") or KEPT
 
+    def classify_item(self, test_id: str, params: dict | None = None) -> str:
+        """`classify`, then (for a kept id) `classify_params` on the test's parametrized values."""
+        verdict = self.classify(test_id)
+        if verdict == KEPT and params:
+            verdict = self.classify_params(params) or KEPT
+        return verdict
+
+    def classify_params(self, params: dict) -> str | None:
+        """`lora-variant:<name> (param)` when a parametrized value is a LoRA sub-variant (step 6), else None."""
+        for value in params.values():
+            name = self._variant_in_value(value, depth=0)
+            if name:
+                return f"lora-variant:{name} (param)"
+        return None
+
+    def _variant_word(self, text: str, whole: bool = False) -> str | None:
+        for word, pattern in self.variant_patterns:
+            match = pattern.search(text)
+            if match and (not whole or match.group(0) == text):
+                return word
+        return None
+
+    def _variant_in_value(self, value, depth: int) -> str | None:
+        """A variant named by `value`: its config class, a dict key / config field that is set, a whole string."""
+        if depth > _MAX_PARAM_DEPTH:
+            return None
+        if isinstance(value, str):
+            return self._variant_word(value, whole=True)
+        kind = value if isinstance(value, type) else type(value)
+        if kind.__name__ in VARIANT_CONFIGS:
+            return kind.__name__
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            return next(filter(None, (self._variant_in_value(v, depth + 1) for v in value)), None)
+        elif not isinstance(value, type) and kind.__name__.endswith("Config"):
+            items = list(_fields(value).items())
+        else:
+            return None
+        for key, item in items:
+            word = self._variant_word(key) if isinstance(key, str) and _is_set(item) else None
+            if word:
+                return word
+            found = self._variant_in_value(item, depth + 1)
+            if found:
+                return found
+        return None
+
     @staticmethod
     def _by_file(test_id: str) -> str | None:
         file = test_id.split("::", 1)[0].rsplit("/", 1)[-1]
@@ -132,6 +185,37 @@ class Selector:
             if pattern.search(words):
                 return f"{family}:{name}"
         return None
+
+
+_MAX_PARAM_DEPTH = 3
+
+
+def _fields(config) -> dict:
+    """A config object's attributes that differ from its dataclass defaults (`megatron_core="megatron.core"` is
+    LoraConfig's default, not a variant); {} for objects that refuse (shim placeholders raise on any attribute)."""
+    try:
+        values = dict(vars(config))
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    except Exception:  # noqa: BLE001 - any object may come in as a parameter
+        return {}
+    return {k: v for k, v in values.items() if k not in defaults or not _same(v, defaults[k])}
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _is_set(value) -> bool:
+    """A field value that turns a feature on: not None / False / empty (`alora_invocation_tokens=None` is off)."""
+    if value is None or value is False:
+        return False
+    try:
+        return bool(value) if isinstance(value, (str, list, tuple, dict, set, int, float)) else True
+    except Exception:  # noqa: BLE001
+        return True
 
 
 # Model / backend config classes that appear in ids and say nothing about the tuner (fallback mode only).

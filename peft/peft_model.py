@@ -163,7 +163,7 @@ class PeftModel(nn.Module):
         are created on `meta` (load them before use, e.g. with `load_adapter`)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name.")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; delete it first or pick another one.")
         if not isinstance(self.base_model, _tuner_class(peft_config)):
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type.value} adapter to a {self.peft_type.value} model."

@@ -250,8 +250,8 @@ def no_match_error(config, model: nn.Module, excluded: list[str], unmatched: boo
     elif not excluded:
         lead = f"Target modules {_show(config.target_modules)} not found in the base model."
     else:
-        lead = (f"No modules were targeted for adaptation: some matched but were excluded ({excluded[:5]}), the rest "
-                "did not match.")
+        lead = ("No modules were targeted for adaptation. This might be caused by a combination of target_modules "
+                f"and exclusions: some matched but were excluded ({excluded[:5]}), the rest did not match.")
     return ValueError(
         f"{lead} target_modules={_show(config.target_modules)} (layers_to_transform={config.layers_to_transform}, "
         f"layers_pattern={config.layers_pattern!r}, exclude_modules={_show(config.exclude_modules)}) matched no "

@@ -87,8 +87,8 @@ class BaseTuner(nn.Module):
         so only one adapter may train them."""
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
         if len(with_bias) > 1:
-            raise ValueError(f"Adapters {with_bias} all train the base biases (bias != 'none'); only one adapter of "
-                             "a model may, so set bias='none' for the others.")
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                             f"set bias='none' for all but one: adapters {with_bias} all train the shared base biases.")
 
     # --- injection ----------------------------------------------------------------------------------------------
     @contextmanager
@@ -196,6 +196,7 @@ class BaseTuner(nn.Module):
 
     def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> None:
         names = config.modules_to_save or []
+        _refuse_names_inside_tuner_layers(model, names, ModulesToSaveWrapper, adapter_name)
         found = set()
         for key, module in list(model.named_modules()):
             if _inside_adapter_machinery(key) or not any(key == n or key.endswith("." + n) for n in names):
@@ -389,3 +390,18 @@ __all__ = [
     "_get_tuner_state_dict_key_prefixes",
     "check_target_module_exists",
 ]
+
+
+def _refuse_names_inside_tuner_layers(model: nn.Module, names: list[str], wrapper_cls: type, adapter_name: str) -> None:
+    """A `modules_to_save` name that only matches inside a tuner layer (e.g. `lin.lora_A.<adapter>` when the adapter
+    is named like the module) would wrap a piece of the adapter itself: refused before anything is wrapped."""
+    tuner_layers = {key: m for key, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    for key, _ in model.named_modules():
+        if not any(key == n or key.endswith("." + n) for n in names):
+            continue
+        owner = next((m for k, m in tuner_layers.items() if key.startswith(k + ".") and k), None)
+        if owner is not None:
+            raise ValueError(f"You are trying to target a module with {wrapper_cls} that is a child of {type(owner)}. "
+                             "This is almost certainly not the intended behavior. Please ensure that the adapter "
+                             f"name, {adapter_name!r}, does not conflict with any of the targeted modules "
+                             f"(modules_to_save={names} matches {key!r}, a part of that adapter layer).")

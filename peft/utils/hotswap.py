@@ -43,6 +43,18 @@ def padded(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     return out
 
 
+def padded_grouped(tensor: torch.Tensor, rank: int, dim: int, groups: int = 1) -> torch.Tensor:
+    """`tensor` zero-padded along `dim` to `rank` block by block: its `groups` equal blocks along `dim` each lead a
+    block of `rank / groups` (a grouped conv's lora_A, whose output channels lora_B reads group by group)."""
+    if groups == 1:
+        return padded(tensor, rank, dim)
+    if rank % groups or tensor.shape[dim] % groups:
+        raise ValueError(f"Cannot pad a rank of {tensor.shape[dim]} to {rank} in {groups} groups: expected both "
+                         f"divisible by groups={groups}.")
+    blocks = tensor.split(tensor.shape[dim] // groups, dim)
+    return torch.cat([padded(block, rank // groups, dim) for block in blocks], dim)
+
+
 def scale_of(config, key: str) -> float:
     """The adapter scale `config` gives the layer at `key` (rank / alpha patterns, rsLoRA)."""
     rank = pattern_value(key, config.rank_pattern or {}, config.r)
@@ -122,7 +134,8 @@ def hotswap_adapter_from_state_dict(
             if fit == "same":
                 param.copy_(value)
             elif fit == "smaller":
-                param.copy_(padded(value, param.shape[_FACTORS[attr]], _FACTORS[attr]))
+                groups = _groups(layer) if attr == "lora_A" else 1
+                param.copy_(padded_grouped(value, param.shape[_FACTORS[attr]], _FACTORS[attr], groups))
             else:
                 _grow(param, value)
 
@@ -195,16 +208,26 @@ def _scales_to_tensors(model: nn.Module) -> bool:
     return found
 
 
-def _padded_module(module: nn.Module, rank: int, dim: int) -> nn.Module:
-    """A copy of factor `module` (Linear or Conv2d) with its rank (`dim` of the weight) zero-padded to `rank`."""
+def _groups(layer: nn.Module) -> int:
+    """The groups of a LoRA conv layer's lora_B (1 for other layers)."""
+    if not isinstance(layer, LoraLayer) or not isinstance(layer.get_base_layer(), nn.Conv2d):
+        return 1
+    return layer.get_base_layer().groups
+
+
+def _padded_module(module: nn.Module, rank: int, dim: int, groups: int = 1) -> nn.Module:
+    """A copy of factor `module` (Linear or Conv2d) with its rank zero-padded to `rank`: `dim` of the weight, in
+    `groups` blocks for a grouped conv's A (a grouped B holds rank / groups input channels per output channel)."""
     weight = module.weight
-    if weight.shape[dim] == rank:
+    width = rank // module.groups if isinstance(module, nn.Conv2d) and dim == 1 else rank
+    if weight.shape[dim] == width:
         return module
-    new_weight = padded(weight.detach(), rank, dim)
+    new_weight = padded_grouped(weight.detach(), width, dim, groups)
     if isinstance(module, nn.Conv2d):
-        c_out, c_in = new_weight.shape[:2]
+        c_out, c_in = new_weight.shape[0], new_weight.shape[1] * module.groups
         new = nn.Conv2d(c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation,
-                        bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+                        groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,
+                        device=weight.device, dtype=weight.dtype)
     else:
         new = nn.Linear(new_weight.shape[1], new_weight.shape[0], bias=module.bias is not None,
                         device=weight.device, dtype=weight.dtype)
@@ -225,7 +248,7 @@ def _pad_factors(model: nn.Module, target_rank: int) -> bool:
             continue
         found = True
         for name in list(layer.lora_A.keys()):
-            layer.lora_A[name] = _padded_module(layer.lora_A[name], target_rank, 0)
+            layer.lora_A[name] = _padded_module(layer.lora_A[name], target_rank, 0, _groups(layer))
             layer.lora_B[name] = _padded_module(layer.lora_B[name], target_rank, 1)
     return found
 
@@ -249,12 +272,8 @@ def prepare_model_for_compiled_hotswap(
         if check_compiled == "warn":
             warnings.warn("prepare_model_for_compiled_hotswap was called with a model that is already compiled; "
                           "this will likely cause a recompilation. Call it before compiling the model.")
-    too_large = [(n, _rank_of(n, p)) for n, p in _root(model).named_parameters()
-                 if target_rank is not None and (_rank_of(n, p) or 0) > target_rank]
-    if too_large:
-        name, rank = too_large[0]
-        raise ValueError(f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is "
-                         f"larger ({rank}) in {name}. This is not possible.")
+    if target_rank is not None:
+        _check_target_rank(model, target_rank)
     found = _scales_to_tensors(model)
     if target_rank is not None:
         found = _pad_factors(model, target_rank) or found
@@ -267,6 +286,21 @@ def prepare_model_for_compiled_hotswap(
         lora_config.r = target_rank
         if lora_config.rank_pattern:
             lora_config.rank_pattern = {key: target_rank for key in lora_config.rank_pattern}
+
+
+def _check_target_rank(model: nn.Module, target_rank: int) -> None:
+    """Every factor's rank must fit into `target_rank`, and a grouped conv's must split into its groups."""
+    too_large = [(n, _rank_of(n, p)) for n, p in _root(model).named_parameters() if (_rank_of(n, p) or 0) > target_rank]
+    if too_large:
+        name, rank = too_large[0]
+        raise ValueError(f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is "
+                         f"larger ({rank}) in {name}. This is not possible.")
+    for layer in _root(model).modules():
+        groups = _groups(layer)
+        if target_rank % groups:
+            raise ValueError(f"Trying to pad a {type(layer).__name__} LoRA adapter with groups={groups} to target rank "
+                             f"{target_rank}, but the target rank is not divisible by {groups}. Please choose a "
+                             f"target rank that is divisible by {groups}.")
 
 
 def _rank_of(name: str, param: torch.Tensor) -> Optional[int]:

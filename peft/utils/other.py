@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -41,7 +41,11 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     """Keeps `original_module` frozen and trains one deep copy of it per adapter (`modules_to_save[name]`).
 
     Saved keys drop the wrapper: `<path>.modules_to_save.<adapter>.<param>` is stored as `<path>.<param>`.
+    `active_adapters` lists only adapters that have a copy here (empty: the original module is used).
     """
+
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
 
     def __init__(self, module_to_save: nn.Module, adapter_name: str):
         super().__init__()
@@ -57,15 +61,23 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         except AttributeError:
             if name in ("original_module", "modules_to_save"):
                 raise
-            return getattr(self._current(), name)
+            active = self.active_adapters
+            if self._disable_adapters or not active:
+                return getattr(self.original_module, name)
+            if active[0] in self.modules_to_save:
+                return getattr(self.modules_to_save[active[0]], name)
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}': its active adapter "
+                                 f"{active[0]!r} has no copy of this module") from None
 
     @property
-    def active_adapter(self) -> str:
-        return self._active_adapter[0]
+    def active_adapter(self) -> Optional[str]:
+        active = self.active_adapters
+        return active[0] if active else None
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
+        active = self._active_adapter
+        return [active] if isinstance(active, str) else list(active)
 
     @property
     def disable_adapters(self) -> bool:
@@ -95,8 +107,8 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         held = [n for n in names if n in self.modules_to_save]
         if len(held) > 1:
-            raise ValueError(f"Adapters {held} each have their own copy of this modules_to_save module; only one of "
-                             "them can be active at a time.")
+            raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {held} each "
+                             "have their own copy of this modules_to_save module; only one of them can be active.")
         return held
 
     def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
@@ -105,13 +117,13 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         held = self.check_set_adapter(names)
         for key, module in self.modules_to_save.items():
             module.requires_grad_(key in held)
-        self._active_adapter = held or names[:1]
+        self._active_adapter = held
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
-        if adapter_name == self.active_adapter and len(self.modules_to_save):
-            self.set_adapter(next(iter(self.modules_to_save.keys())))
+        if adapter_name in self.active_adapters:
+            self.set_adapter(list(self.modules_to_save.keys())[:1])
 
     def unwrapped(self) -> nn.Module:
         """The module to put back when the wrapper is removed: the active adapter's copy, else the original."""
@@ -212,8 +224,8 @@ def fsdp_auto_wrap_policy(model: nn.Module):
 def update_model_card(peft_model: nn.Module, output_dir: str) -> None:
     """Create or update `output_dir/README.md` for a saved adapter (what the Hub reads): metadata `library_name:
     peft`, `tags` (the method, e.g. `lora`; `transformers`; `base_model:adapter:<id>`), `base_model` when the model
-    has a transformers config; a "Framework versions" line with the PEFT version. An existing card's text and
-    metadata stay: tags are merged, other keys are only added."""
+    has a transformers config; a "Framework versions" line with the PEFT version. A new card is huggingface_hub's
+    template; an existing card's text and metadata stay: tags are merged, other keys are only added."""
     import os
 
     from huggingface_hub import ModelCard, ModelCardData
@@ -221,7 +233,8 @@ def update_model_card(peft_model: nn.Module, output_dir: str) -> None:
     from .. import __version__
 
     path = os.path.join(output_dir, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\n---\n")
+    # a new card starts from huggingface_hub's own model-card template (sections for the user to fill in)
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     if card.data is None:
         card.data = ModelCardData()
     base = peft_model.get_base_model()

@@ -1,6 +1,8 @@
 """`make compat` logic without running upstream: the selection rule, reason grouping, the report, the shim."""
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,3 +158,75 @@ def test_shim_gives_placeholders_only_for_missing_names():
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@dataclasses.dataclass
+class _FakeLoraConfig:  # stands in for a config object given as a parameter; defaults are "off"
+    r: int = 8
+    megatron_core: str = "megatron.core"
+    alora_invocation_tokens: list | None = None
+
+
+class KasaConfig:  # same class name as upstream's variant config (or the shim's placeholder for it)
+    pass
+
+
+DM = "tests/test_decoder_models.py::TestDecoderModels::test_mixed_adapter_batches"
+
+
+@pytest.mark.parametrize("params, verdict", [
+    ({"config_kwargs": {"target_modules": None, "alora_invocation_tokens": [1]}}, "lora-variant:alora (param)"),
+    ({"config_kwargs": {"r": 4, "use_qalora": True}}, "lora-variant:qalora (param)"),
+    ({"config_kwargs": {"target_modules": ["lin0"], "kasa_config": KasaConfig(), "r": 4}}, "lora-variant:kasa (param)"),
+    ({"config_kwargs": {"init_lora_weights": "mica"}}, "lora-variant:mica (param)"),
+    ({"config": _FakeLoraConfig(alora_invocation_tokens=[5])}, "lora-variant:alora (param)"),
+    ({"configs": [{"r": 2}, {"r": 2, "use_bdlora": True}]}, "lora-variant:bd_lora (param)"),
+    ({"config_cls": KasaConfig}, "lora-variant:KasaConfig (param)"),
+])
+def test_variants_named_only_in_parametrized_values_are_deselected(selector, params, verdict):
+    test_id = f"{DM}[LoraConfig-config_kwargs17-peft-internal-testing/tiny-random-OPTForCausalLM]"
+    assert selector.classify(test_id) == KEPT  # the id alone does not name the variant
+    assert selector.classify_item(test_id, params) == verdict
+    assert group_of(verdict) == "lora-variant"
+
+
+@pytest.mark.parametrize("params", [
+    {"config_kwargs": {"target_modules": None, "alora_invocation_tokens": None, "use_qalora": False}},  # off
+    {"config": _FakeLoraConfig()},  # megatron_core is set, but to its default: not a variant
+    {"config_kwargs": {"init_lora_weights": "gaussian", "lora_alpha": 8, "fan_in_fan_out": True}},
+    {"config_kwargs": {"target_modules": ["arrow_proj"]}},  # a word inside a value that is not that word alone
+    {"config_kwargs": {"target_modules": ["lin0"], "use_dora": True}, "model_id": "narrow-mica-model"},
+    {"config_kwargs": {"ia3_thing": 1, "vera_config": True}},  # other tuners are never found by value
+    {"tensor_like": object(), "n": 0},
+])
+def test_parametrized_values_keep_lora_and_generic_tests(selector, params):
+    assert selector.classify_item(f"{DM}[LoraConfig-config_kwargs3-m]", params) == KEPT
+
+
+def test_parametrized_values_do_not_override_an_id_verdict(selector):
+    test_id = f"{CM}::test_merge_layers[Vanilla MLP 1 AdaLoRA-MLP-AdaLoraConfig-config_kwargs327]"
+    assert selector.classify_item(test_id, {"config_kwargs": {"alora_invocation_tokens": [1]}}) \
+        == "other-tuner:AdaLoraConfig"
+
+
+def test_plugin_deselects_by_parametrized_values(tmp_path):
+    """The plugin reads `item.callspec.params`: a pytest run over a small file, with the plugin only."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_p.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("config_kwargs", [{"r": 4}, {"r": 4, "alora_invocation_tokens": [1]}])
+        def test_lora(config_kwargs):
+            pass
+    """))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "compat.plugin", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
+         "--compat-out", str(out), "--compat-upstream", str(tmp_path / "none"), "--rootdir", str(tmp_path),
+         "tests/test_p.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    selection = {row["verdict"]: row["count"] for row in json.loads((out / "selection.json").read_text())}
+    assert selection == {KEPT: 1, "lora-variant:alora (param)": 1}
+    assert list(json.loads((out / "results.json").read_text())) == ["tests/test_p.py::test_lora[config_kwargs0]"]

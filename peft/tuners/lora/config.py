@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal, Optional, Union
 
 from ...config import PeftConfig
@@ -175,7 +175,8 @@ class LoraConfig(PeftConfig):
         "trainable_token_indices": _TOKEN_INDICES,
         "use_dora": boolean(),
         "lora_bias": boolean(),
-        "target_parameters": optional(sequence_of(text(), "parameter name strings")),
+        "target_parameters": replace(optional(sequence_of(text(), "parameter name strings")),
+                                     lead=lambda value: "`target_parameters` must be a list of strings or None."),
         "ensure_weight_tying": boolean(),
         "eva_config": sub_config_rule("eva_config", EvaConfig),
         "corda_config": sub_config_rule("corda_config", CordaConfig),

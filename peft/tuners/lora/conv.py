@@ -49,7 +49,8 @@ class _ConvNd(nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, *args, **kwargs) -> None:
         """Checks `r` against the base's groups before anything of the adapter exists, then `LoraLayer`'s."""
         if isinstance(r, int) and r > 0:
-            check_rank_divides_groups(r, self.groups, f" of {self.get_base_layer()} (adapter {adapter_name!r})")
+            check_rank_divides_groups(r, self.groups, f" of {self.get_base_layer()} (adapter {adapter_name!r})",
+                                      kind=type(self.get_base_layer()).__name__)
         super().update_layer(adapter_name, r, *args, **kwargs)
 
     def _make_factors(self, adapter_name: str, r: int) -> None:

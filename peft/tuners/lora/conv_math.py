@@ -19,11 +19,13 @@ from __future__ import annotations
 import torch
 
 
-def check_rank_divides_groups(r: int, groups: int, where: str = "") -> None:
+def check_rank_divides_groups(r: int, groups: int, where: str = "", kind: str = "conv layer") -> None:
     """B is a conv with the base's groups over r input channels: r must be a multiple of groups."""
     if r % groups != 0:
         raise ValueError(
-            f"LoRA rank r={r} is not divisible by groups={groups}{where}: the B conv shares the base conv's groups, "
+            f"Targeting a {kind} with groups={groups} and rank {r}. Currently, support is limited to conv layers where "
+            "the rank is divisible by groups. Either choose a different rank or do not target this specific layer. "
+            f"Here r={r} is not divisible by groups={groups}{where}: the B conv shares the base conv's groups, "
             f"so r must be a multiple of groups (e.g. r={groups * max(1, r // groups)}), or do not target this layer."
         )
 

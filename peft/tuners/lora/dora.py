@@ -22,15 +22,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ENABLE_DORA_CACHING = False
+"""Inference cache of `||W + dW||_c` per DoRA adapter (toggled by `peft.helpers.DoraCaching`); used only in eval."""
+
 
 class DoraMagnitude(nn.Module):
     """Holds the trained magnitude `m` of one adapter as `.weight`: (out,), or (1, out, 1, ...) for a conv
     (upstream's shapes and in-memory layout `lora_magnitude_vector.<adapter>.weight`; on disk the key ends in
-    `lora_magnitude_vector`)."""
+    `lora_magnitude_vector`). `_dora_cache` keeps the channel norm between eval forwards while
+    `ENABLE_DORA_CACHING` is on; it is emptied by any other forward, by `train()`/`eval()` and by `.to(...)`."""
 
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(magnitude, requires_grad=True)
+        self._dora_cache: dict[str, torch.Tensor] = {}
+
+    def cached(self, key: str, compute) -> torch.Tensor:
+        """`compute()`, memoised under `key` only while caching is enabled and the module is in eval mode."""
+        if not ENABLE_DORA_CACHING or self.training:
+            self._dora_cache.clear()
+            return compute()
+        if key not in self._dora_cache:
+            self._dora_cache[key] = compute()
+        return self._dora_cache[key]
+
+    def train(self, mode: bool = True) -> "DoraMagnitude":
+        self._dora_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._dora_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"out_channels={self.weight.numel()}"
@@ -136,8 +158,12 @@ class DoraLayerMixin:
 
     def _dora_norm(self, adapter_name: str) -> torch.Tensor:
         """`||W + s B A||_c` (out,), no gradient (DoRA section 4.3)."""
-        with torch.no_grad():
-            return channel_norm(self._dora_dense_weight(), self._output_major(self._delta_fp32(adapter_name)))
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                return channel_norm(self._dora_dense_weight(), self._output_major(self._delta_fp32(adapter_name)))
+
+        magnitude = self.lora_magnitude_vector[adapter_name]
+        return magnitude.cached("weight-norm", compute) if isinstance(magnitude, DoraMagnitude) else compute()
 
     def _dora_dense_weight(self) -> torch.Tensor:
         """The float base weight, output-major; a grouped conv's as the dense kernel it acts as."""
@@ -150,7 +176,7 @@ class DoraLayerMixin:
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         dropout = self.lora_dropout[adapter_name]
         factor = dora_factor(self.lora_magnitude_vector[adapter_name].weight, self._dora_norm(adapter_name))
-        h = x.to(lora_A.weight.dtype)
+        h = self._cast_input(x, lora_A.weight.dtype) if hasattr(self, "_cast_input") else x.to(lora_A.weight.dtype)
         if isinstance(dropout, nn.Identity) or not self.training:
             base_no_bias = self._without_base_bias(result)
         else:

@@ -293,3 +293,11 @@ def check_data_driven_options(config) -> None:
             setattr(config, attr, getattr(importlib.import_module(f".{module}", __package__), name)())
         elif config.init_lora_weights != init and value is not None:
             warnings.warn(f"`{attr}` specified but will be ignored when `init_lora_weights` is not '{init}'.")
+    init = config.init_lora_weights
+    base_changing = isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
+    if base_changing and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        warnings.warn(
+            "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+            f"base weights ({init}) cannot be done exactly: save_pretrained(path_initial_model_for_weight_conversion"
+            "=...) will refuse this adapter (saving it as it is works)."
+        )

@@ -29,7 +29,8 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
     if isinstance(base_layer, nn.MultiheadAttention):  # LoRA on in_proj: (embed, 3 * embed) as in upstream PEFT
         if not base_layer._qkv_same_embed_dim:
             raise ValueError(
-                f"LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (one in_proj_weight), got "
+                "Only same embed for query/key/value is supported as of now for MultiheadAttention: LoRA on it needs "
+                f"kdim == vdim == embed_dim (one in_proj_weight), got "
                 f"embed_dim={base_layer.embed_dim}, kdim={base_layer.kdim}, vdim={base_layer.vdim}."
             )
         return base_layer.embed_dim, 3 * base_layer.embed_dim
@@ -255,6 +256,8 @@ class LoraLayer(DoraLayerMixin, BaseTunerLayer):
     def _write_base_weight(self, weight: torch.Tensor) -> None:
         base = self.get_base_layer()
         base.weight.data = weight.to(base.weight.dtype)
+        for magnitude in self.lora_magnitude_vector.values():  # a cached DoRA norm is stale once W changes
+            getattr(magnitude, "_dora_cache", {}).clear()
 
     def _output_major(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor in output-major layout (out channels first) and back: an involution."""
@@ -342,6 +345,10 @@ class LoraLayer(DoraLayerMixin, BaseTunerLayer):
             return []
         return [n for n in self.active_adapters if n in self.lora_A or n in self.lora_embedding_A]
 
+    def _cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in the adapter's dtype, unless `peft.helpers.disable_input_dtype_casting` switched casting off."""
+        return x.to(dtype) if getattr(self, "cast_input_dtype_enabled", True) else x
+
     def _add_lora_branches(self, x: torch.Tensor, result: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """`result + sum_a s_a B_a(A_a(dropout_a(x)))` over the active adapters (DoRA adapters through
         `_dora_branch`), each branch computed in its adapter's dtype; the sum is cast to `out_dtype`. For layers
@@ -354,7 +361,7 @@ class LoraLayer(DoraLayerMixin, BaseTunerLayer):
                 result = self._dora_branch(name, x, result)
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            h = self.lora_dropout[name](self._cast_input(x, lora_A.weight.dtype))
             result = result + lora_B(lora_A(h)) * self.scaling[name]
         return result.to(out_dtype)
 
@@ -387,7 +394,11 @@ class Linear(nn.Module, LoraLayer):
 
 
 def __getattr__(name: str):
-    """`ParamWrapper` lives in `param_wrapper.py` (which imports this module); upstream imports it from here."""
+    """The other layer classes live in their own modules (which import this one); upstream imports them from here."""
+    if name in ("Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention"):
+        from . import conv, embedding, mha
+
+        return getattr({"Embedding": embedding, "MultiheadAttention": mha}.get(name, conv), name)
     if name == "ParamWrapper":
         from .param_wrapper import ParamWrapper
 

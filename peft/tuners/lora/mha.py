@@ -84,7 +84,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
     ) -> None:
         nn.Module.__init__(self)
         if kwargs.get("use_dora"):
-            raise ValueError("use_dora=True is not supported for nn.MultiheadAttention (as in upstream PEFT).")
+            raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False.")
         if not isinstance(base_layer.out_proj, nn.Linear):
             raise ValueError(f"LoRA on nn.MultiheadAttention needs an nn.Linear out_proj, got {base_layer.out_proj}.")
         LoraLayer.__init__(self, base_layer)  # checks kdim == vdim == embed_dim
@@ -134,7 +134,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
     # --- adapters: the output projection's LoRA follows this layer ------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, *args, **kwargs) -> None:
         if kwargs.get("use_dora"):
-            raise ValueError("use_dora=True is not supported for nn.MultiheadAttention (as in upstream PEFT).")
+            raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False.")
         super().update_layer(adapter_name, r, *args, **kwargs)
         for out in self._out_layers():
             out.update_layer(adapter_name, r, *args, **kwargs)

@@ -31,8 +31,8 @@ class LoraModel(BaseTuner):
                 return config  # only parameters are adapted
             if defaults is None:
                 raise ValueError(
-                    f"target_modules is None and there is no default for model_type {model_type!r}; "
-                    "pass target_modules (a list of names, a regex, or 'all-linear')."
+                    f"target_modules is None and there is no default for model_type {model_type!r}. Please specify "
+                    "`target_modules` (a list of names, a regex, or 'all-linear')."
                 )
             config.target_modules = set(defaults)
         elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":

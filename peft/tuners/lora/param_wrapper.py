@@ -265,15 +265,20 @@ def find_target_parameters(model: nn.Module, targets: list[str]) -> list[tuple[s
     return found
 
 
-def check_target_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
+def check_target_parameters(model: nn.Module, targets: list[str], no_modules: bool = False) -> list[tuple[str, str]]:
     """`find_target_parameters`, refusing (ValueError naming the entry) a target that matches no parameter and a
-    parameter of the top-level module (its wrapper would have to contain itself)."""
+    parameter of the top-level module (its wrapper would have to contain itself). With target_modules given
+    (`no_modules=False`) and no entry matching at all, nothing is returned: the tuner then warns (as upstream)."""
     found = find_target_parameters(model, targets)
+    if not found and not no_modules:
+        return []
     keys = [f"{path}.{pname}" if path else pname for path, pname in found]
     missing = [t for t in targets if not _matches_any(t, keys)]
     if missing:
         sample = [n for n, p in model.named_parameters() if p.ndim >= 2 and "lora_" not in n][:8]
-        raise ValueError(f"target_parameters entries {missing} match no parameter of {type(model).__name__}; "
+        lead = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for these "
+                "arguments. " if no_modules else "")
+        raise ValueError(f"{lead}target_parameters entries {missing} match no parameter of {type(model).__name__}; "
                          f"expected a parameter name or a dotted suffix of one, e.g. {sample}.")
     top = [pname for path, pname in found if not path]
     if top:
@@ -297,11 +302,13 @@ def inject_target_parameters(tuner, model: nn.Module, config, adapter_name: str)
         raise ValueError("Invalid fan_in_fan_out=True with target_parameters: a targeted parameter is read as "
                          "(out, in) or (num_experts, out, in); expected fan_in_fan_out=False.")
     keys = []
-    for path, pname in check_target_parameters(model, targets):
+    for path, pname in check_target_parameters(model, targets, no_modules=not config.target_modules):
         key = f"{path}.{pname}"
         top = model.get_submodule(path)
         if isinstance(top, BaseTunerLayer) and not isinstance(top, ParamWrapper):
-            raise ValueError(f"Cannot target parameter {key!r}: module {path!r} is already a {type(top).__name__} "
+            raise ValueError(f"Trying to wrap an `nn.Parameter` of layer {path!r} of type {type(top).__name__}, which "
+                             f"is not a valid target. Cannot target parameter {key!r}: module {path!r} is already a "
+                             "LoRA layer "
                              "(also matched by target_modules); remove it from target_modules (or set "
                              "target_modules=[]).")
         kwargs = tuner._layer_kwargs(config, key)

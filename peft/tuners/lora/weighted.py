@@ -136,7 +136,7 @@ def plan(model, adapters: list[str], weights: list[float], combination_type: str
               and sum(a in m.modules_to_save for a in adapters) > 1]
     if shared:
         raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save, but "
-                         f"found {len(shared)} such module(s): one whole-module copy per adapter cannot be combined.")
+                         f"found {len(shared)} such instance(s). One whole-module copy per adapter cannot be combined.")
     kind = "linear" if len(adapters) == 1 else combination_type
     ranks = [_max_rank(model.peft_config[a]) for a in adapters]
     if kind in FACTOR_TYPES:

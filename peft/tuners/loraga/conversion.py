@@ -86,6 +86,11 @@ def _check_convertible(model: nn.Module, adapter_name: str) -> None:
                          "such form: save it without the keyword.")
     init = getattr(config, "init_lora_weights", True)
     rewrites_base = isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
+    if rewrites_base and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError(f"Passing `{KEYWORD}` to `save_pretrained` is not supported for adapter {adapter_name!r}: "
+                         f"init_lora_weights={init!r} with use_rslora=True and rank_pattern/alpha_pattern; the "
+                         "converted adapter's per-layer rslora scale could not be expressed by its saved config. "
+                         "Expected use_rslora=False or no rank_pattern/alpha_pattern.")
     if config.peft_type == PeftType.LORA and init not in ("lora_ga", True) and not rewrites_base:
         warnings.warn(f"{KEYWORD}: adapter {adapter_name!r} has init_lora_weights={init!r}, which does not offset the "
                       "base weights; the saved adapter is `B A - B0 A0`, the change since the initial adapter, not "
