@@ -121,15 +121,9 @@ class PeftModel(nn.Module):
     def push_to_hub(self, repo_id: str, commit_message: str = "Upload adapter", private: Optional[bool] = None,
                     token: Optional[str] = None, **save_kwargs) -> Any:
         """Save the adapter(s) to a temporary folder and upload it to the Hub repo `repo_id` (created if needed)."""
-        import tempfile
+        from .utils.hub import push_folder_to_hub
 
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, **save_kwargs)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        return push_folder_to_hub(self.save_pretrained, repo_id, commit_message, private, token, **save_kwargs)
 
     # --- parameters ---------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

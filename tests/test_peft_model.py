@@ -263,3 +263,30 @@ def test_mixed_adapter_batch_rows_follow_their_adapter_and_unknown_names_are_ref
     assert not torch.allclose(adapted[0], base[0])
     with pytest.raises(ValueError, match="nope"):
         model(input_ids=ids, adapter_names=["default", "nope"])
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
+    """No network: a stand-in HfApi records the repo creation and the files of the uploaded folder."""
+    import os
+
+    import huggingface_hub
+
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            seen["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            seen["files"] = sorted(os.listdir(folder_path))
+            seen["message"] = commit_message
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert model.push_to_hub("me/adapter", commit_message="m", private=True, token="t") == "commit-info"
+    assert seen["repo"] == ("me/adapter", True, True) and seen["token"] == "t" and seen["message"] == "m"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(seen["files"])

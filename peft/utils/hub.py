@@ -77,3 +77,17 @@ def hub_download_arguments() -> frozenset[str]:
     from huggingface_hub import hf_hub_download
 
     return frozenset(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename", "subfolder", "revision"}
+
+
+def push_folder_to_hub(save, repo_id: str, commit_message: str, private, token, **save_kwargs):
+    """`save(folder, **save_kwargs)` into a temporary folder, then upload it to the Hub repo `repo_id` (created when
+    missing); returns the upload's commit info."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        save(folder, **save_kwargs)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

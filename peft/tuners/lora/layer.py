@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import weakref
 from typing import Optional, Union
@@ -11,6 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ...utils.memory import available_memory_bytes
 from ...utils.warning import PeftWarning
 from ..tuners_utils import BaseTunerLayer
 from .dora import DoraLayerMixin, base_weight_before_merges, channel_norm, dora_weight
@@ -41,21 +41,6 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
     # a user's own module type, adapted by a layer class registered with LoraConfig._register_custom_module
     warnings.warn(f"Unsupported layer type '{type(base_layer)}' encountered, proceed at your own risk.", UserWarning)
     return getattr(base_layer, "in_features", None), getattr(base_layer, "out_features", None)
-
-
-def available_memory_bytes() -> Optional[int]:
-    """Host memory a new allocation can still get: MemAvailable + SwapFree (Linux), else the physical total, else
-    None (unknown: no check)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.rstrip().endswith("kB")}
-        return info["MemAvailable"] + info.get("SwapFree", 0)
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
