@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 
-import peft.utils.save_and_load as save_and_load
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from tests.helpers.lora_checks import assert_same_snapshot, module_snapshot, randomize_adapter
 from tests.helpers.tiny_models import TINY_MODELS, model_output, tiny_llama
@@ -287,7 +286,6 @@ def test_save_uses_temporary_name_then_rename(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", recording_replace)
-    monkeypatch.setattr(save_and_load, "SAFETENSORS_WEIGHTS_NAME", save_and_load.SAFETENSORS_WEIGHTS_NAME)
     _saved_adapter(tmp_path)
     assert sorted(c[2] for c in calls) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert all(src != dst and folder == str(tmp_path) for folder, src, dst in calls)
