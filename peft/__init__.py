@@ -46,10 +46,6 @@ from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, s
 from .utils.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .utils.warning import PeftWarning
 
-register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
-register_peft_method(name="lorapro", config_cls=LoraProConfig, model_cls=LoraProModel, prefix="lora_")
-register_peft_method(name="loraga", config_cls=LoraGAConfig, model_cls=LoraGAModel, prefix="lora_")
-
 __all__ = [
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",

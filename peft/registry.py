@@ -22,9 +22,14 @@ def register_peft_method(
     model_cls: type["BaseTuner"],
     prefix: str | None = None,
     is_mixed_compatible: bool = False,
+    extend_peft_type: bool = False,
 ) -> None:
     """Register a tuner type: `name` is the lower-case value of its `PeftType` member (e.g. "lora"), `config_cls` a
-    `PeftConfig` subclass, `model_cls` a `BaseTuner` subclass whose `prefix` starts its parameter names."""
+    `PeftConfig` subclass, `model_cls` a `BaseTuner` subclass whose `prefix` starts its parameter names (and the
+    names of its layers' adapter containers). Each tuner folder calls this once, in its `__init__.py`.
+
+    A type defined outside this package (a plugin, a test) passes `extend_peft_type=True` to add `name.upper()` to
+    `PeftType` instead of editing it; without it an unknown name is refused (a typo would otherwise register)."""
     from .config import PeftConfig
     from .tuners.tuners_utils import BaseTuner
 
@@ -33,8 +38,11 @@ def register_peft_method(
     try:
         peft_type = PeftType(name.upper())
     except ValueError:
-        known = ", ".join(p.value.lower() for p in PeftType)
-        raise ValueError(f"Unknown PEFT method name {name!r}; add it to PeftType first (known: {known}).") from None
+        if not extend_peft_type:
+            known = ", ".join(p.value.lower() for p in PeftType)
+            raise ValueError(f"Unknown PEFT method name {name!r}; add it to PeftType first, or pass "
+                             f"extend_peft_type=True for a type defined outside peft (known: {known}).") from None
+        peft_type = _add_peft_type(name.upper())
     if not (isinstance(config_cls, type) and issubclass(config_cls, PeftConfig)):
         raise ValueError(f"config_cls must be a PeftConfig subclass, got {config_cls!r}.")
     if not (isinstance(model_cls, type) and issubclass(model_cls, BaseTuner)):
@@ -57,3 +65,22 @@ def register_peft_method(
 
 
 MIXED_COMPATIBLE_TYPES: set[PeftType] = set()
+
+
+def _add_peft_type(value: str) -> PeftType:
+    """A new `PeftType` member `value` (name == value, as for every member), for types registered from outside."""
+    if not value.isidentifier():
+        raise ValueError(f"A new PEFT method name must be an identifier such as 'my_method', got {value.lower()!r}.")
+    member = str.__new__(PeftType, value)
+    member._name_, member._value_, member.__objclass__ = value, value, PeftType
+    type.__setattr__(PeftType, value, member)
+    PeftType._member_map_[value] = member
+    PeftType._value2member_map_[value] = member
+    PeftType._member_names_.append(value)
+    return member
+
+
+def adapter_prefixes() -> tuple[str, ...]:
+    """The registered tuner types' parameter-name prefixes ("lora_", ...): a module or parameter name with a part
+    starting with one of them belongs to an adapter, not to the base model."""
+    return tuple(sorted(set(PEFT_TYPE_TO_PREFIX_MAPPING.values())))

@@ -80,7 +80,12 @@ _MACHINERY = ("base_layer", "original_module", "modules_to_save", "token_adapter
 
 
 def _inside_adapter_machinery(key: str) -> bool:
-    return any(part in _MACHINERY or part.startswith("lora_") for part in key.split("."))
+    """True for a module name inside a tuner layer or wrapper: a part names the wrapped module, a `modules_to_save`
+    copy, or starts with a registered tuner type's prefix (`peft.registry.adapter_prefixes`)."""
+    from ..registry import adapter_prefixes
+
+    prefixes = adapter_prefixes()
+    return any(part in _MACHINERY or part.startswith(prefixes) for part in key.split("."))
 
 
 # --- upstream's matching entry point ----------------------------------------------------------------------------
@@ -195,7 +200,7 @@ def tuner_state_dict_key_prefixes(model: nn.Module, adapter_name: Optional[str] 
     """State-dict key prefixes of everything the PEFT method owns in `model` (a PeftModel, a BaseTuner or a model
     with injected layers): the attributes of every tuner layer and of the BaseTuner itself, minus the wrapped
     modules. Auxiliary wrappers (`modules_to_save`, trainable tokens) and tuner layers inside them are left out:
-    they save themselves. Found from the module tree, so a base module merely *named* `lora_...` is not included."""
+    they save themselves. Found from the module tree, so a base module merely named like an adapter is not included."""
     from ..utils.other import AuxiliaryTrainingWrapper
     from .tuner_layer import BaseTunerLayer
     from .tuners_utils import BaseTuner

@@ -102,6 +102,29 @@ class BaseTunerLayer:
             else:
                 self._active_adapter = []
 
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """On-disk key -> in-memory key (both relative to this layer) of what adapter `adapter_name` saves here: every
+        tensor of its entry in each `adapter_layer_names` container, with the adapter name dropped on disk
+        (`<container>.<name>.weight` -> `<container>.weight`, a `ParameterDict` entry `<container>.<name>` ->
+        `<container>`). A layer whose file format differs overrides this."""
+        out = {}
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            if isinstance(entry, nn.Module):
+                for key in entry.state_dict().keys():
+                    out[f"{attr}.{key}"] = f"{attr}.{adapter_name}.{key}"
+            else:  # a tensor in a ParameterDict / BufferDict
+                out[attr] = f"{attr}.{adapter_name}"
+        return out
+
+    def emptied_replacement(self) -> Optional[nn.Module]:
+        """After `delete_adapter`: the module that takes this layer's place in the model, or None to keep it. A layer
+        left with no adapter gives back its base layer; layers that nest (LoRA's ParamWrapper) override this."""
+        return None if self._all_available_adapter_names() else self.base_layer
+
     @abstractmethod
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None: ...
 

@@ -28,7 +28,7 @@ from .target_matching import (
 from .target_matching import filter_state_dict_by_key_prefixes as _filter_state_dict_by_key_prefixes
 from .target_matching import minimal_target_suffixes as _find_minimal_target_modules
 from .target_matching import tuner_state_dict_key_prefixes as _get_tuner_state_dict_key_prefixes
-from .tuner_checks import _adapter_param, _refuse_names_inside_tuner_layers, _warn_if_weights_are_tied
+from .tuner_checks import _refuse_names_inside_tuner_layers, _warn_if_weights_are_tied
 from .tuner_layer import BaseTunerLayer
 
 
@@ -36,7 +36,8 @@ class BaseTuner(nn.Module):
     """Wraps `model` in place: injects tuner layers for every module its config targets.
 
     `self.model` is the wrapped model, `self.peft_config` maps adapter names to configs. Subclasses set `prefix`
-    and implement `_create_and_replace`, `_prepare_adapter_config` and `_mark_only_adapters_as_trainable`.
+    (the start of their container names, e.g. "lora_") and `tuner_layer_cls`, implement `_create_and_replace`, and
+    may override `_prepare_adapter_config` (default target modules) and `_mark_only_adapters_as_trainable`.
     """
 
     prefix: str = ""
@@ -103,9 +104,14 @@ class BaseTuner(nn.Module):
         finally:
             self._weights_on_meta = previous
 
+    def _init_needs_real_weights(self, config) -> bool:
+        """True when the adapter's init reads real tensors (a data-driven init), so `low_cpu_mem_usage` cannot
+        create its weights on the meta device. Tuner types with such inits override this."""
+        return False
+
     def _creation_device(self, config):
-        plain_init = getattr(config, "init_lora_weights", True) in (True, False, "gaussian")
-        return torch.device("meta") if self._weights_on_meta and plain_init else nullcontext()
+        on_meta = self._weights_on_meta and not self._init_needs_real_weights(config)
+        return torch.device("meta") if on_meta else nullcontext()
 
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Replace every targeted module by a tuner layer carrying adapter `adapter_name`. All-or-nothing: on any
@@ -132,13 +138,8 @@ class BaseTuner(nn.Module):
             module.delete_adapter(adapter_name)
             if isinstance(module, ModulesToSaveWrapper):
                 original = module.original_module if not len(module.modules_to_save) else None
-            elif hasattr(module, "parameter_name"):  # nested LoRA ParamWrappers: drop the emptied ones
-                from .lora.param_wrapper import rebuild_chain
-
-                rebuilt = rebuild_chain(module)
-                original = rebuilt if rebuilt is not module else None
             else:
-                original = module.base_layer if not module._all_available_adapter_names() else None
+                original = module.emptied_replacement()
             if original is not None:
                 parent, _, name = get_submodules(model, key)
                 setattr(parent, name, original)
@@ -186,10 +187,8 @@ class BaseTuner(nn.Module):
         self.set_adapter(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
-            for name, param in model.named_parameters():
-                if _adapter_param(name, adapter_name):
-                    param.requires_grad_(False)
-        self._wrap_trainable_tokens(model, config, adapter_name)  # after the freeze above, which knows LoRA names only
+            self.set_requires_grad(adapter_name, requires_grad=False)
+        self._wrap_trainable_tokens(model, config, adapter_name)
 
     def _inject_parameters(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         """Adapt the bare parameters the config names (LoRA's `target_parameters`); returns their keys."""
@@ -353,8 +352,40 @@ class BaseTuner(nn.Module):
             del self.model.peft_config
         return self.model
 
-    @abstractmethod
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None: ...
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """On-disk key -> in-memory key (relative to this tuner) of state the tuner model itself holds for adapter
+        `adapter_name` (e.g. projections shared by all layers); tuner layers and wrappers report their own."""
+        return {}
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freeze everything but the adapter containers of the tuner layers (`adapter_layer_names`), the
+        `modules_to_save` copies and the biases the active adapters' `bias` setting trains ("all", or
+        "<method>_only": the adapted layers' base biases)."""
+        own = set()
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                own.update(id(p) for attr in module.adapter_layer_names
+                           for p in getattr(module, attr, nn.Module()).parameters())
+            elif isinstance(module, ModulesToSaveWrapper):
+                own.update(id(p) for p in module.modules_to_save.parameters())
+        for param in model.parameters():
+            if id(param) not in own:
+                param.requires_grad_(False)
+        for adapter in self.active_adapters:
+            config = self.peft_config[adapter]
+            if not config.inference_mode:  # a frozen (inference) adapter trains no bias either
+                self._train_biases(model, str(getattr(config, "bias", "none")))
+
+    def _train_biases(self, model: nn.Module, bias: str) -> None:
+        if bias == "all":
+            for name, param in model.named_parameters():
+                if name.endswith("bias") and "original_module" not in name.split("."):
+                    param.requires_grad_(True)
+        elif bias.endswith("_only"):
+            for _, layer in self.tuner_layers():
+                base_bias = getattr(layer.get_base_layer(), "bias", None)
+                if base_bias is not None:
+                    base_bias.requires_grad_(True)
 
 
 _model_config_dict = BaseTuner.get_model_config  # the name LoRA-GA's helpers import

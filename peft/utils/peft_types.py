@@ -9,6 +9,15 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
     LORAGA = "LORAGA"
     LORAPRO = "LORAPRO"
+    # LoRA variants (docs/variants.md): the first four in upstream's format, the others in this package's own.
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    VERA = "VERA"
+    ADALORA = "ADALORA"
+    KRONA = "KRONA"
+    TIEDLORA = "TIEDLORA"
+    DYLORA = "DYLORA"
+    SORA = "SORA"
     # Prompt-learning methods: their configs load and save, but no tuner implements them here.
     PREFIX_TUNING = "PREFIX_TUNING"
     PROMPT_TUNING = "PROMPT_TUNING"

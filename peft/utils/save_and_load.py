@@ -1,10 +1,9 @@
 """Adapter state dicts in upstream's file format, and reading and writing an adapter folder's two files.
 
-In memory a key reads `<path>.lora_A.<adapter>.weight`; on disk the adapter name is dropped:
-`<path>.lora_A.weight`, `<path>.lora_B.bias` (`lora_bias`), `<path>.lora_embedding_A`, `<path>.lora_magnitude_vector`
-(DoRA; in memory `<path>.lora_magnitude_vector.<adapter>.weight`), and `<path>.<param>` for `modules_to_save`
-copies. Wrappers (`AuxiliaryTrainingWrapper`) give their own map, e.g. trainable tokens:
-`<path>.token_adapter.trainable_tokens_delta` on disk, `<path>.token_adapter.trainable_tokens_delta.<adapter>`.
+In memory a key names its adapter, `<path>.<container>.<adapter>.weight`; on disk the adapter name is dropped,
+`<path>.<container>.weight`. Which keys an adapter owns, and their on-disk names, come from the modules that hold
+them (`adapter_state_dict_load_map` of tuner layers, tuner models and auxiliary wrappers such as `modules_to_save`
+copies, saved as `<path>.<param>`, or trainable tokens), so this module knows no tuner type's key names.
 
 Loading accepts only the adapter's own tensors (plus the few extras `_optional_load_keys` lists) and only finite
 floating-point values; saving and loading treat `adapter_config.json` and the weights as one pair (see the
@@ -28,43 +27,50 @@ from .adapter_files import (
 )  # noqa: F401  (re-exported: the folder I/O lives in adapter_files.py)
 from .other import AuxiliaryTrainingWrapper
 
-_LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
+def _file_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """In-memory key -> on-disk key of every tensor adapter `adapter_name` saves. Each module that owns adapter state
+    says which keys are its own (`adapter_state_dict_load_map`: on-disk -> in-memory, relative to the module): tuner
+    layers (from their `adapter_layer_names` containers), auxiliary wrappers (`modules_to_save` copies, trainable
+    tokens) and the tuner model itself (state shared by its layers). Nothing here knows a tuner type's key names."""
+    from ..tuners.tuner_layer import BaseTunerLayer
+    from ..tuners.tuners_utils import BaseTuner
 
-def _adapter_key_to_file_key(key: str, adapter_name: str) -> Optional[str]:
-    """The on-disk key for in-memory `key` if it belongs to adapter `adapter_name`, else None."""
-    dora_marker = f".lora_magnitude_vector.{adapter_name}.weight"  # DoRA: upstream drops ".weight" too
-    if key.endswith(dora_marker):
-        return key[: -len(dora_marker)] + ".lora_magnitude_vector"
-    for container in _LORA_CONTAINERS + ("modules_to_save",):
-        marker = f".{container}.{adapter_name}"
-        if key.endswith(marker):
-            return key[: -len(marker)] + f".{container}"
-        if marker + "." in key:
-            replacement = "." if container == "modules_to_save" else f".{container}."
-            return key.replace(marker + ".", replacement, 1)
-    return None
-
-
-def _wrapper_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
-    """In-memory key -> on-disk key of every tensor a wrapper saves for `adapter_name`, from the wrappers'
-    `adapter_state_dict_load_map` (on-disk key -> in-memory key, both relative to the wrapper)."""
-    out = {}
+    wrappers, layers = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
-            name = name.replace("_fsdp_wrapped_module.", "")  # FSDP (v1) module names; its state dict keys lack it
-            prefix = f"{name}." if name else ""
-            for file_key, key in module.adapter_state_dict_load_map(adapter_name).items():
-                out[prefix + key] = prefix + file_key
-    return out
+            out = wrappers
+        elif isinstance(module, (BaseTunerLayer, BaseTuner)):
+            out = layers  # a tuner layer inside a `modules_to_save` copy keeps its own keys (layers win)
+        else:
+            continue
+        name = name.replace("_fsdp_wrapped_module.", "")  # FSDP (v1) module names; its state dict keys lack it
+        prefix = f"{name}." if name else ""
+        for file_key, key in module.adapter_state_dict_load_map(adapter_name).items():
+            out[prefix + key] = prefix + file_key
+    return {**wrappers, **layers}
+
+
+def _adapter_state_prefixes(model: nn.Module) -> set[str]:
+    """Key prefixes of every adapter's own state (tuner containers, `modules_to_save` copies and wrappers)."""
+    from ..tuners.target_matching import tuner_state_dict_key_prefixes
+
+    return tuner_state_dict_key_prefixes(model)
+
+
+def _in_adapter_state(key: str, prefixes: set[str]) -> bool:
+    from ..tuners.target_matching import key_under_prefixes
+
+    return "modules_to_save" in key.split(".") or key_under_prefixes(key, prefixes)
 
 
 def _bias_keys(model: nn.Module, state_dict: dict, bias: str) -> list[str]:
     if bias == "none":
         return []
     if bias == "all":
-        return [k for k in state_dict if k.endswith("bias") and "lora_" not in k and "original_module" not in k
-                and "modules_to_save" not in k]
+        prefixes = _adapter_state_prefixes(model)
+        return [k for k in state_dict if k.endswith("bias") and "original_module" not in k.split(".")
+                and not _in_adapter_state(k, prefixes)]
     from ..tuners.tuners_utils import BaseTunerLayer
 
     keys = []
@@ -84,12 +90,8 @@ def get_peft_model_state_dict(
     config = model.peft_config[adapter_name]
     if state_dict is None:
         state_dict = model.state_dict()
-    out = {}
-    wrapped = _wrapper_keys(model, adapter_name)
-    for key, value in state_dict.items():
-        file_key = _adapter_key_to_file_key(key, adapter_name) or wrapped.get(key)
-        if file_key is not None:
-            out[file_key] = value
+    file_keys = _file_keys(model, adapter_name)
+    out = {file_keys[key]: value for key, value in state_dict.items() if key in file_keys}
     for key in _bias_keys(model, state_dict, getattr(config, "bias", "none")):
         out[key] = state_dict[key]  # upstream keeps `.base_layer.` in the key of an adapted layer's bias
     return out
@@ -97,13 +99,8 @@ def get_peft_model_state_dict(
 
 def _adapter_load_keys(model: nn.Module, adapter_name: str, model_keys) -> dict[str, str]:
     """On-disk key -> model key of the adapter's own tensors (LoRA factors, `modules_to_save` copies, wrappers')."""
-    wrapped = _wrapper_keys(model, adapter_name)
-    out = {}
-    for key in model_keys:
-        file_key = _adapter_key_to_file_key(key, adapter_name) or wrapped.get(key)
-        if file_key is not None:
-            out[file_key] = key
-    return out
+    model_keys = set(model_keys)
+    return {file_key: key for key, file_key in _file_keys(model, adapter_name).items() if key in model_keys}
 
 
 def _optional_load_keys(model: nn.Module, adapter_name: str, own: dict, model_keys) -> dict[str, str]:
@@ -112,8 +109,8 @@ def _optional_load_keys(model: nn.Module, adapter_name: str, own: dict, model_ke
     - upstream's repeat of a `modules_to_save` copy's bias as `<module>.modules_to_save.<param>` (bias="all");
     - the model's biases outside the adapter containers, under their own key (`<layer>.base_layer.bias` for an
       adapted layer) or, for an adapted layer, `<layer>.bias` (older files of this fork). A file holding a bias says
-      it was trained (upstream saves the biases of `bias="all"` / `"lora_only"`), so loading it reproduces the saved
-      model even when this config has `bias="none"`; `set_peft_model_state_dict` warns about those
+      it was trained (upstream saves the biases of `bias="all"` and `"<method>_only"`), so loading it reproduces the
+      saved model even when this config has `bias="none"`; `set_peft_model_state_dict` warns about those
       (`_untrained_biases`);
     - the base weights of an input / output embedding the adapter targets (upstream's `save_embedding_layers`).
     """
@@ -128,16 +125,13 @@ def _optional_load_keys(model: nn.Module, adapter_name: str, own: dict, model_ke
     return out
 
 
-def _in_adapter_container(key: str) -> bool:
-    return any(part in _LORA_CONTAINERS or part == "modules_to_save" for part in key.split("."))
-
-
 def _trained_bias_keys(model: nn.Module, model_keys, bias: str) -> list[str]:
     """`bias="all"`: every bias outside the adapter containers (upstream also writes `original_module` biases);
-    `"lora_only"`: the base biases of the adapted layers; `"none"`: none."""
+    `"<method>_only"` (LoRA's `"lora_only"`, ...): the base biases of the adapted layers; `"none"`: none."""
     if bias == "all":  # "bias", and `nn.MultiheadAttention`'s in_proj_bias / bias_k / bias_v
-        return [k for k in model_keys if "bias" in k.split(".")[-1] and not _in_adapter_container(k)]
-    if bias != "lora_only":
+        prefixes = _adapter_state_prefixes(model)
+        return [k for k in model_keys if "bias" in k.split(".")[-1] and not _in_adapter_state(k, prefixes)]
+    if not str(bias).endswith("_only"):
         return []
     from ..tuners.tuners_utils import BaseTunerLayer
 

@@ -10,6 +10,9 @@ from .param_wrapper import ParamWrapper
 
 # bitsandbytes backend: registers its dispatcher first; it imports bitsandbytes only once a model holds its layers.
 from . import bnb  # noqa: E402, F401  (isort: skip)
+from ...registry import register_peft_method  # noqa: E402  (isort: skip)
+
+register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
 
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoraConfig", "LoraGAConfig", "LoraLayer", "LoraModel",

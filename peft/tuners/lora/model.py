@@ -21,23 +21,7 @@ class LoraModel(BaseTuner):
     tuner_layer_cls = LoraLayer
 
     def _prepare_adapter_config(self, config, model_config: dict):
-        from ..trainable_tokens.tying import plan_weight_tying
-
-        plan_weight_tying(self.model, config)  # ensure_weight_tying (upstream: before the defaults are filled in)
-        if config.target_modules is None:
-            model_type = model_config.get("model_type")
-            defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-            if defaults is None and getattr(config, "target_parameters", None):
-                return config  # only parameters are adapted
-            if defaults is None:
-                raise ValueError(
-                    f"target_modules is None and there is no default for model_type {model_type!r}. Please specify "
-                    "`target_modules` (a list of names, a regex, or 'all-linear')."
-                )
-            config.target_modules = set(defaults)
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-            config.target_modules = all_linear_names(self.model)
-        return config
+        return prepare_lora_config(self.model, config, model_config)
 
     def _layer_kwargs(self, config, key: str) -> dict:
         r = pattern_value(key, config.rank_pattern or {}, config.r)
@@ -167,3 +151,25 @@ class LoraModel(BaseTuner):
                     base_bias = getattr(layer.get_base_layer(), "bias", None)
                     if base_bias is not None:
                         base_bias.requires_grad_(True)
+
+
+def prepare_lora_config(model: nn.Module, config, model_config: dict):
+    """`config` with `target_modules` filled in for `model` (the architecture's default, or "all-linear" expanded),
+    after planning the weight tying it asks for; also what LoRA-GA's estimation uses to find the targets."""
+    from ..trainable_tokens.tying import plan_weight_tying
+
+    plan_weight_tying(model, config)  # ensure_weight_tying (upstream: before the defaults are filled in)
+    if config.target_modules is None:
+        model_type = model_config.get("model_type")
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if defaults is None and getattr(config, "target_parameters", None):
+            return config  # only parameters are adapted
+        if defaults is None:
+            raise ValueError(
+                f"target_modules is None and there is no default for model_type {model_type!r}. Please specify "
+                "`target_modules` (a list of names, a regex, or 'all-linear')."
+            )
+        config.target_modules = set(defaults)
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        config.target_modules = all_linear_names(model)
+    return config

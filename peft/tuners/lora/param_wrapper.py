@@ -82,6 +82,11 @@ class ParamWrapper(nn.Module, LoraLayer):
     """LoRA on the parameter `parameter_name` of `base_layer` (a module, or another `ParamWrapper` of the same
     module). The base module's forward runs with the parameter replaced by `W + sum_a s_a B_a A_a`."""
 
+    def emptied_replacement(self):
+        """Nested wrappers (one per parameter) drop the ones left with no adapter, keeping the others in order."""
+        rebuilt = rebuild_chain(self)
+        return rebuilt if rebuilt is not self else None
+
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, parameter_name: str, r: int = 8, lora_alpha: float = 8,
         lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,

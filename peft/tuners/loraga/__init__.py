@@ -3,6 +3,10 @@
 from .config import LoraGAConfig
 from .model import LoraGAModel
 
+from ...registry import register_peft_method  # noqa: E402  (isort: skip)
+
+register_peft_method(name="loraga", config_cls=LoraGAConfig, model_cls=LoraGAModel, prefix="lora_")
+
 __all__ = ["LoraGACallback", "LoraGAConfig", "LoraGAModel"]
 
 

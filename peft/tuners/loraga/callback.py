@@ -62,7 +62,7 @@ class LoraGACallback(TrainerCallback):
         if train_dataloader is None:
             raise ValueError("LoraGACallback needs the Trainer's train_dataloader at on_train_begin (transformers "
                              "passes it to callbacks); got None.")
-        from ...utils.lora_ga_utils import estimate_gradient
+        from .estimate import estimate_gradient
 
         config = tuner.peft_config[name]
         with preserved_rng():

@@ -82,7 +82,7 @@ def _check_request(lora_config) -> None:
 def _estimation_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     """Normalized name -> module for the targets whose float weight gradient `train_step` can give; a quantized
     target is refused (its weight has no float gradient)."""
-    from ...utils.lora_ga_utils import supported_weight_modules
+    from .estimate import supported_weight_modules
     from .quant import is_quantized
 
     with_quantized = supported_weight_modules(model, lora_config, quantized=True)
@@ -100,7 +100,7 @@ def _estimation_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
 
 def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Callable[[], None]):
     """(name -> mean fp32 gradient on the CPU for the targets some backward pass reached, names of the others)."""
-    from ...utils.lora_ga_utils import capture_gradients
+    from .estimate import capture_gradients
 
     with capture_gradients(model, modules) as acc:
         train_step()
