@@ -12,7 +12,6 @@ from torch import nn
 
 from .config import PeftConfig
 from .registry import PEFT_TYPE_TO_TUNER_MAPPING
-from .tuners.loraga.conversion import adapter_save_form
 from .tuners.prompt_learning import PromptLearningConfig, not_implemented_error
 from .utils.adapter_names import adapter_folder, check_adapter_name
 from .utils.other import ModulesToSaveWrapper
@@ -94,11 +93,11 @@ class PeftModel(nn.Module):
         return getattr(self.get_base_model(), "dtype", None)
 
     def forward(self, *args, **kwargs):
-        with _per_sample_adapters(self, kwargs):
-            return self.get_base_model()(*args, **kwargs)
+        with self.base_model.forward_context(self, kwargs):
+            return self.base_model(*args, **kwargs)  # the tuner may add to the output (AdaLoRA's regulariser)
 
     def generate(self, *args, **kwargs):
-        with _per_sample_adapters(self, kwargs, generate=True):
+        with self.base_model.forward_context(self, kwargs, generate=True):
             return self.get_base_model().generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
@@ -238,7 +237,7 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"Unknown adapters {unknown}; available adapters: {sorted(self.peft_config)}.")
         folders = {name: adapter_folder(save_directory, name) for name in names}  # all checked before any write
-        save_form = adapter_save_form(self, names, kwargs)  # upstream's save keywords: tuners/loraga/conversion.py
+        save_form = self.base_model.adapter_save_form(self, names, kwargs)  # upstream's save keywords, by tuner type
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
@@ -346,9 +345,7 @@ class PeftModel(nn.Module):
         result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
                                            ignore_mismatched_sizes=ignore_mismatched_sizes, unpaired=unpaired)
         if not is_trainable:
-            for name, param in self.named_parameters():
-                if f".{adapter_name}." in name + "." and ("lora_" in name or "modules_to_save" in name):
-                    param.requires_grad_(False)
+            self.base_model.set_requires_grad(adapter_name, requires_grad=False)
             self.eval()
         return result
 
@@ -391,13 +388,6 @@ def _enable_input_grads(model: nn.Module) -> bool:
         return False
     model.enable_input_require_grads()
     return hooked() and hasattr(model, "disable_input_require_grads")
-
-
-def _per_sample_adapters(model: PeftModel, kwargs: dict, generate: bool = False):
-    """`adapter_names=[...]` (popped from `kwargs`): one adapter per sample; see `peft.tuners.lora.mixed_batch`."""
-    from .tuners.lora.mixed_batch import per_sample_adapters
-
-    return per_sample_adapters(model, kwargs, generate)
 
 
 __all__ = ["PeftModel", "ModulesToSaveWrapper", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",

@@ -71,7 +71,15 @@ class BaseTuner(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return self.model.forward(*args, **kwargs)
+        return self.model(*args, **kwargs)
+
+    def forward_context(self, peft_model: nn.Module, kwargs: dict, generate: bool = False):
+        """The context `PeftModel.forward` / `generate` runs in, from keywords this tuner type handles (popped from
+        `kwargs`). Default: none; `adapter_names=` (per-sample adapters) is refused, since only tuner types that
+        override this support it."""
+        if kwargs.pop("adapter_names", None) is not None and peft_model.has_active_enabled_adapter:
+            raise ValueError(f"adapter_names=...: per-sample adapters are not supported by {type(self).__name__}.")
+        return nullcontext()
 
     @property
     def active_adapters(self) -> list[str]:
@@ -351,6 +359,18 @@ class BaseTuner(nn.Module):
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
+
+    def adapter_save_form(self, peft_model: nn.Module, adapter_names: list[str], kwargs: dict):
+        """`(name, weights, config) -> (weights, config)`: the form `PeftModel.save_pretrained` writes each adapter
+        in, from the save keywords in `kwargs` (popped; checked before anything is written). Default: as they are;
+        upstream's keywords that would change what is written are refused by name (other keywords are ignored, as
+        upstream ignores them outside `push_to_hub`)."""
+        embedding = kwargs.pop("save_embedding_layers", "auto")
+        changing = [k for k in ("path_initial_model_for_weight_conversion", "convert_pissa_to_lora") if k in kwargs]
+        if changing or embedding not in ("auto", False):
+            raise ValueError(f"save_pretrained({', '.join(changing or ['save_embedding_layers=' + repr(embedding)])}) "
+                             f"is not supported by {type(self).__name__}: it writes its adapters as they are.")
+        return lambda name, weights, config: (weights, config)
 
     def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
         """On-disk key -> in-memory key (relative to this tuner) of state the tuner model itself holds for adapter

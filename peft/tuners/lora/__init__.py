@@ -21,11 +21,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Upstream's LoRA-GA names, imported on first use (peft.tuners.loraga imports this package):
-    `LoraGAConfig` is upstream's sub-config for `LoraConfig(lora_ga_config=...)`, not `peft.LoraGAConfig` (this
-    package's LoRA-GA tuner config); see peft/tuners/loraga/upstream.py."""
-    if name in ("LoraGAConfig", "preprocess_loraga"):
-        from ..loraga import upstream
+    """Upstream's LoRA-GA names under this path, served from what peft.tuners.loraga registers (`hooks.py`; this
+    package imports none of LoRA-GA): `LoraGAConfig` is upstream's sub-config for `LoraConfig(lora_ga_config=...)`,
+    not `peft.LoraGAConfig` (this package's LoRA-GA tuner config); see peft/tuners/loraga/upstream.py."""
+    from .hooks import registered_export
 
-        return upstream.LoraGASubConfig if name == "LoraGAConfig" else upstream.preprocess_loraga
+    found = registered_export(name)
+    if found is not None:
+        return found
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -76,10 +76,13 @@ def _lora_ga_options(value):
     `peft.tuners.lora.LoraGAConfig` (the sub-config class), as upstream does."""
     if not isinstance(value, dict) and not any(hasattr(value, k) for k in _LORA_GA_OPTIONS):
         raise Refused()
-    from ..loraga.upstream import LoraGASubConfig
+    from .hooks import lora_init_hook
 
+    hook = lora_init_hook("lora_ga")  # registered by peft.tuners.loraga
+    if hook is None or hook.sub_config is None:
+        raise Refused("LoRA-GA is not available (peft.tuners.loraga was not imported)")
     try:
-        return LoraGASubConfig.from_value(value)
+        return hook.sub_config.from_value(value)
     except ValueError as exc:
         raise Refused(str(exc).rstrip(".")) from None
 

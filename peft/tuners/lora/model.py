@@ -11,6 +11,7 @@ from ...utils.other import get_submodules
 from ..target_matching import all_linear_names, pattern_value
 from ..tuners_utils import BaseTuner
 from .dispatch import create_lora_module
+from .hooks import lora_init_hook, save_form_provider
 from .layer import LoraLayer
 
 
@@ -30,8 +31,9 @@ class LoraModel(BaseTuner):
             "lora_alpha": pattern_value(key, config.alpha_pattern or {}, config.lora_alpha),
             "lora_dropout": config.lora_dropout,
             "fan_in_fan_out": config.fan_in_fan_out,
-            "init_lora_weights": (  # these two are applied by _init_adapter_weights, which has the config
-                False if config.init_lora_weights in ("lora_ga", "loftq") else config.init_lora_weights),
+            "init_lora_weights": (  # these are applied by _init_adapter_weights, which has the config
+                False if config.init_lora_weights == "loftq" or lora_init_hook(config.init_lora_weights)
+                else config.init_lora_weights),
             "use_rslora": config.use_rslora,
             # only when set, so that layer types without DoRA / lora_bias keep their signature
             **{k: True for k in ("use_dora", "lora_bias") if getattr(config, k, False)},
@@ -49,12 +51,19 @@ class LoraModel(BaseTuner):
         self._init_adapter_weights(layer, config, adapter_name, current_key)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str) -> None:
-        if self.peft_config[adapter_name].init_lora_weights == "lora_ga":  # base offsets only once all layers are in
-            from ..loraga.model import offsets_after_injection
+        hook = lora_init_hook(self.peft_config[adapter_name].init_lora_weights)
+        with nullcontext() if hook is None or hook.around_injection is None else hook.around_injection(self):
+            super().inject_adapter(model, adapter_name)
 
-            with offsets_after_injection(self):
-                return super().inject_adapter(model, adapter_name)
-        super().inject_adapter(model, adapter_name)
+    def _init_needs_real_weights(self, config) -> bool:
+        return config.init_lora_weights not in (True, False, "gaussian")
+
+    def adapter_save_form(self, peft_model: nn.Module, adapter_names: list[str], kwargs: dict):
+        """The form `save_pretrained` writes each adapter in, from upstream's save keywords (`hooks.py`)."""
+        provider = save_form_provider()
+        if provider is None:
+            return super().adapter_save_form(peft_model, adapter_names, kwargs)
+        return provider(peft_model, adapter_names, kwargs)
 
     def _inject_parameters(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         from ..trainable_tokens.tying import tie_lora_targets
@@ -96,10 +105,9 @@ class LoraModel(BaseTuner):
 
     def _init_adapter_weights(self, layer: LoraLayer, config, adapter_name: str, key: str) -> None:
         """Hook for data-driven initialisations (LoRA-GA); plain LoRA keeps the layer's own init."""
-        if config.init_lora_weights == "lora_ga":  # upstream's spelling of LoRA-GA
-            from ..loraga.model import init_from_gradients
-
-            init_from_gradients(self, layer, config, adapter_name, key)
+        hook = lora_init_hook(config.init_lora_weights)  # e.g. "lora_ga", registered by peft.tuners.loraga
+        if hook is not None:
+            hook.init_layer(self, layer, config, adapter_name, key)
         elif config.init_lora_weights == "loftq":  # needs config.loftq_config, which the layer does not see
             from .init_methods import loftq_layer
 
@@ -117,6 +125,12 @@ class LoraModel(BaseTuner):
         from .weighted import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+    def forward_context(self, peft_model: nn.Module, kwargs: dict, generate: bool = False):
+        """`adapter_names=[...]` (popped from `kwargs`): one adapter per sample (`.mixed_batch`)."""
+        from .mixed_batch import per_sample_adapters
+
+        return per_sample_adapters(peft_model, kwargs, generate)
 
     def _enable_peft_forward_hooks(self, *args, adapter_names=None, num_beams=None, **kwargs):
         """Context for a forward/generate with one adapter per sample (`adapter_names`; see `.mixed_batch`)."""
