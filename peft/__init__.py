@@ -25,6 +25,9 @@ from .peft_model_tasks import (
     PeftModelForTokenClassification,
 )
 from .registry import register_peft_method
+from .tuners.adalora import AdaLoraConfig, AdaLoraModel
+from .tuners.loha import LoHaConfig, LoHaModel
+from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.lora.corda import CordaConfig
 from .tuners.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
@@ -32,6 +35,8 @@ from .tuners.lora.init_methods import LoftQConfig
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
 from .tuners.lorapro import LoraProConfig, LoraProModel
+from .tuners.krona import KronAConfig, KronAModel
+from .tuners.dylora import DyLoRAConfig, DyLoRAModel
 from .tuners.prompt_learning import (
     PrefixTuningConfig,
     PromptEncoder,
@@ -41,12 +46,16 @@ from .tuners.prompt_learning import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from .tuners.sora import SoraConfig, SoraGateProximal, SoraModel
+from .tuners.vera import VeraConfig, VeraModel
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .utils.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .utils.warning import PeftWarning
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
@@ -55,6 +64,10 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "LoftQConfig",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "CordaConfig",
     "EvaConfig",
     "LoraConfig",
@@ -63,6 +76,10 @@ __all__ = [
     "LoraModel",
     "LoraProConfig",
     "LoraProModel",
+    "KronAConfig",
+    "KronAModel",
+    "DyLoRAConfig",
+    "DyLoRAModel",
     "PeftConfig",
     "PeftMixedModel",
     "PeftModel",
@@ -81,9 +98,14 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "SoraConfig",
+    "SoraGateProximal",
+    "SoraModel",
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "VeraConfig",
+    "VeraModel",
     "get_layer_status",
     "get_model_status",
     "get_base_model_state_dict",

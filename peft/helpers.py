@@ -30,10 +30,12 @@ def check_if_peft_model(model_name_or_path: Union[str, "object"]) -> bool:
     return True
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    from .tuners.lora.layer import LoraLayer
+def _scaled_layers(model: nn.Module) -> list[nn.Module]:
+    """Tuner layers that scale their adapters' output by a per-adapter `scaling` dict (LoRA's and its variants')."""
+    from .tuners.tuner_layer import BaseTunerLayer
 
-    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+    return [m for m in model.modules()
+            if isinstance(m, BaseTunerLayer) and isinstance(getattr(m, "scaling", None), dict)]
 
 
 @contextmanager
@@ -43,7 +45,7 @@ def rescale_adapter_scale(model: nn.Module, multiplier: float) -> Iterator[None]
     Raises `TypeError` for a non-numeric multiplier and `ValueError` when the model has no `LoraLayer`."""
     if isinstance(multiplier, bool) or not isinstance(multiplier, (float, int)):
         raise TypeError(f"Argument multiplier should be of type float, got {type(multiplier)}")
-    layers = _lora_layers(model)
+    layers = _scaled_layers(model)
     if not layers:
         raise ValueError("scaling is only supported for models with `LoraLayer`s")
     saved = [(layer, dict(layer.scaling)) for layer in layers]

@@ -1,6 +1,11 @@
 """Tuner types. Each lives in its own folder and registers itself in `peft/__init__.py`; `prompt_learning` holds
 configs only (registered for lookup by peft_type, with no tuner)."""
 
+from .adalora import AdaLoraConfig, AdaLoraModel
+from .dylora import DyLoRAConfig, DyLoRAModel
+from .krona import KronAConfig, KronAModel
+from .loha import LoHaConfig, LoHaModel
+from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
 from .prompt_learning import (
     PrefixTuningConfig,
@@ -10,8 +15,20 @@ from .prompt_learning import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from .sora import SoraConfig, SoraModel
+from .vera import VeraConfig, VeraModel
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
+    "DyLoRAConfig",
+    "DyLoRAModel",
+    "KronAConfig",
+    "KronAModel",
     "LoraConfig",
     "LoraModel",
     "PrefixTuningConfig",
@@ -20,4 +37,8 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "SoraConfig",
+    "SoraModel",
+    "VeraConfig",
+    "VeraModel",
 ]

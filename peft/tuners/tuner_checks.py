@@ -1,4 +1,4 @@
-"""Checks `BaseTuner` runs while injecting: tied weights, adapter parameter names, `modules_to_save` names that
+"""Checks `BaseTuner` runs while injecting: tied weights, `modules_to_save` names that
 would wrap a piece of an adapter layer."""
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ def _warn_if_weights_are_tied(model: nn.Module, keys: list[str]) -> None:
         if others:
             warnings.warn(f"Adapted layer {key!r} shares its weight with {others} (tied weights): merging the adapter "
                           "changes those modules too, so the merged model differs from the adapter model.")
-
-
-def _adapter_param(name: str, adapter_name: str) -> bool:
-    parts = name.split(".")
-    return adapter_name in parts and any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
 
 
 def _refuse_names_inside_tuner_layers(model: nn.Module, names: list[str], wrapper_cls: type, adapter_name: str) -> None:

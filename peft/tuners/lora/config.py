@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal, Optional, Union
 
@@ -27,36 +26,10 @@ from .eva import EvaConfig
 from .init_methods import LOFTQ_RULE, check_data_driven_options, init_weights_rule, sub_config_rule
 
 _BIAS = ("none", "all", "lora_only")
+from ..trainable_tokens.indices import _TOKEN_IDS, check_trainable_token_indices  # noqa: E402
+
 _INITS = (True, False, "gaussian")
 _LORA_GA_OPTIONS = ("direction", "scale", "stable_gamma", "dtype")
-
-
-_TOKEN_IDS = "a non-empty list of distinct non-negative int token ids"
-
-
-def check_trainable_token_indices(value) -> None:
-    """Validate `trainable_token_indices`: None, a list of token ids, or a dict from module name to such a list.
-
-    Called by `LoraConfig` and again when the adapter is injected (TRL assigns the field after construction).
-    """
-    if value is None:
-        return
-    expected = f"{_TOKEN_IDS}, or a dict from embedding module name to {_TOKEN_IDS}"
-    if isinstance(value, dict):
-        _check(len(value) > 0, "trainable_token_indices", value, expected)
-        for name, ids in value.items():
-            _check(isinstance(name, str) and name != "", "trainable_token_indices", value,
-                   f"{expected} (module names are non-empty strings, got {name!r})")
-            _check(_token_id_list(ids), f"trainable_token_indices[{name!r}]", ids, _TOKEN_IDS)
-    else:
-        _check(_token_id_list(value), "trainable_token_indices", value, expected)
-
-
-def _token_id_list(ids) -> bool:
-    if not isinstance(ids, (list, tuple)) or not ids:
-        return False
-    ints = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids)
-    return ints and len(set(ids)) == len(ids)
 
 
 def normalized_token_indices(value):
@@ -118,7 +91,7 @@ class LoraConfig(PeftConfig):
             output channel (see `peft.tuners.lora.dora`). lora_bias: lora_B gets a bias (B: Linear / Conv layers).
         ensure_weight_tying: an adapted embedding and the layers tied to it (`tie_word_embeddings`) stay tied:
             `modules_to_save` copies share one weight, LoRA factors are shared (see
-            `peft.tuners.trainable_tokens.tying`); with `trainable_token_indices`, tied layers need the same ids.
+            `peft.tuners.lora.tying`); with `trainable_token_indices`, tied layers need the same ids.
         trainable_token_indices: train only these rows of an embedding beside the LoRA layers: a list of token ids
             (the input embedding), or a dict from embedding module name to token ids, e.g. `{"embed_tokens": [5]}`.
     """
@@ -146,7 +119,7 @@ class LoraConfig(PeftConfig):
     target_parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Bare parameters to adapt (e.g. fused MoE experts 'mlp.experts.down_proj')."})
     ensure_weight_tying: bool = field(default=False, metadata={
-        "help": "Keep tied layers tied (see `peft.tuners.trainable_tokens.tying`)."})
+        "help": "Keep tied layers tied (see `peft.tuners.lora.tying`)."})
     eva_config: Optional[EvaConfig] = field(default=None, metadata={"help": "EVA options (init_lora_weights='eva')."})
     corda_config: Optional[CordaConfig] = field(
         default=None, metadata={"help": "CorDA options (init_lora_weights='corda')."})

@@ -66,8 +66,8 @@ class LoraModel(BaseTuner):
         return provider(peft_model, adapter_names, kwargs)
 
     def _inject_parameters(self, model: nn.Module, config, adapter_name: str) -> list[str]:
-        from ..trainable_tokens.tying import tie_lora_targets
         from .param_wrapper import inject_target_parameters
+        from .tying import tie_lora_targets
 
         def create(key: str) -> None:  # a module tied to the input embedding: its factors become the embedding's
             parent, target, name = get_submodules(model, key)
@@ -87,7 +87,7 @@ class LoraModel(BaseTuner):
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> None:
-        from ..trainable_tokens.tying import tie_modules_to_save
+        from .tying import tie_modules_to_save
 
         super()._wrap_modules_to_save(model, config, adapter_name)
         tie_modules_to_save(model, config, adapter_name)  # ensure_weight_tying: tied copies share the embedding's
@@ -170,7 +170,7 @@ class LoraModel(BaseTuner):
 def prepare_lora_config(model: nn.Module, config, model_config: dict):
     """`config` with `target_modules` filled in for `model` (the architecture's default, or "all-linear" expanded),
     after planning the weight tying it asks for; also what LoRA-GA's estimation uses to find the targets."""
-    from ..trainable_tokens.tying import plan_weight_tying
+    from .tying import plan_weight_tying
 
     plan_weight_tying(model, config)  # ensure_weight_tying (upstream: before the defaults are filled in)
     if config.target_modules is None:

@@ -30,7 +30,7 @@ def inject_trainable_tokens(model: nn.Module, config, adapter_name: str, active_
     spec = getattr(config, "trainable_token_indices", None)
     if spec is None:
         return
-    from ..lora.config import check_trainable_token_indices
+    from .indices import check_trainable_token_indices
 
     check_trainable_token_indices(spec)  # again: TRL assigns the field after the config was built
     targets = _resolve_targets(model, spec)

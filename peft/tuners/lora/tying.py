@@ -139,7 +139,7 @@ def tie_modules_to_save(model: nn.Module, config, adapter_name: str) -> None:
 def tie_lora_targets(model: nn.Module, config, adapter_name: str, create) -> list[str]:
     """Create the LoRA layers of `config.target_modules_to_tie` (with `create(key)`) and make their factors the
     input embedding LoRA layer's; returns the keys adapted."""
-    from ..lora.layer import LoraLayer
+    from .layer import LoraLayer
 
     names = getattr(config, "target_modules_to_tie", None)
     if not names:
