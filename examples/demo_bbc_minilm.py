@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `bbc_demo` importable
 
 from bbc_demo import report  # noqa: E402
 from bbc_demo import sweep as sweep_mod  # noqa: E402
-from bbc_demo.methods import DEFAULT_LRS, METHODS, available  # noqa: E402
+from bbc_demo.methods import DEFAULT_LRS, DEFAULT_METHODS, METHODS, available  # noqa: E402
 from bbc_demo.runner import MEMORY_PROBE_ENV, MEMORY_PROBE_STEPS, memory_probe, run_one  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per method (default 100)")
     p.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or a comma list of seeds (default 1)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {', '.join(METHODS)}")
     p.add_argument("--max-length", type=int, default=128, help="tokens per article (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="articles per step (default 16)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a learning rate")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     setup_seconds: float = 0.0
     notes: dict = field(default_factory=dict)
+    after_step: Optional[Callable[[int], None]] = None  # called with the 0-based step after each optimizer step
 
 
 def _lora_config(cls=None, **extra):
@@ -130,6 +131,14 @@ METHODS: dict[str, Callable[[nn.Module, float, dict], Setup]] = {
     "lorapro_full": setup_lorapro_full,
     "lorapro_efficient": setup_lorapro_efficient,
 }
+DEFAULT_METHODS = list(METHODS)  # what `make demo` runs; the LoRA variants below run on request (--methods)
+
+from .variants import VARIANTS  # noqa: E402  (the variants' setups use Setup, defined above)
+
+for _name, _spec in VARIANTS.items():
+    METHODS[_name] = _spec.setup
+    DEFAULT_LRS.setdefault(_name, _spec.lr)
+    SWEEP_LRS.setdefault(_name, _spec.sweep)
 
 LABELS = {
     "full": "Full fine-tuning",
@@ -138,6 +147,7 @@ LABELS = {
     "loraga": "LoRA-GA",
     "lorapro_full": "LoRA-Pro (full)",
     "lorapro_efficient": "LoRA-Pro (efficient)",
+    **{name: spec.label for name, spec in VARIANTS.items()},
 }
 
 

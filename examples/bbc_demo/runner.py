@@ -115,6 +115,8 @@ def _train(setup, train_split, batches, show_progress: bool, desc: str) -> tuple
         loss = model(**train_split.batch(idx)).loss
         loss.backward()
         optimizer.step()
+        if setup.after_step is not None:  # e.g. AdaLoRA's rank allocation, SoRA's proximal gate step
+            setup.after_step(len(losses))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
@@ -140,7 +142,7 @@ def _prepare(job: dict):
     batches = batch_indices(len(train), job["batch_size"], job["steps"], job["seed"])
     ga = batch_indices(len(train), job["batch_size"], GA_BATCHES, job["seed"] + 10_000)
     ctx = {"ga_batches": [train.batch(i) for i in ga], "batch_size": job["batch_size"],
-           "max_length": job["max_length"]}
+           "max_length": job["max_length"], "steps": job["steps"]}
     model = _load_model(job["model_path"], len(info["classes"]), job["seed"])
     with PeakRSS() as setup_mem:
         setup = METHODS[job["method"]](model, job["lr"], ctx)
