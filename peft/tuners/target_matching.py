@@ -39,10 +39,10 @@ def is_target(config, key: str) -> bool:
         return False
     if not _matches_names(key, config.target_modules):
         return False
-    wanted = config.layers_to_transform
+    wanted = getattr(config, "layers_to_transform", None)
     if wanted is None or (isinstance(wanted, (list, tuple)) and not wanted):  # [] means every layer (upstream)
         return True
-    index = layer_index(key, config.layers_pattern)
+    index = layer_index(key, getattr(config, "layers_pattern", None))
     if index is None:
         return False
     return index in ([wanted] if isinstance(wanted, int) else wanted)
