@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ORDER = ["bench_lora_step.py", "bench_lorapro.py", "bench_estimate_gradient.py", "bench_loraga_distributed.py",
-         "bench_lorapro_sharded.py", "bench_loraga_sketch.py"]
+         "bench_lorapro_sharded.py", "bench_loraga_sketch.py", "bench_variants.py"]
 
 
 def discover(only: list[str] | None) -> list[Path]:

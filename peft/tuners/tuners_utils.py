@@ -30,9 +30,10 @@ from .target_matching import minimal_target_suffixes as _find_minimal_target_mod
 from .target_matching import tuner_state_dict_key_prefixes as _get_tuner_state_dict_key_prefixes
 from .tuner_checks import _refuse_names_inside_tuner_layers, _warn_if_weights_are_tied
 from .tuner_layer import BaseTunerLayer
+from .unloading import MergeUnloadMixin
 
 
-class BaseTuner(nn.Module):
+class BaseTuner(MergeUnloadMixin, nn.Module):
     """Wraps `model` in place: injects tuner layers for every module its config targets.
 
     `self.model` is the wrapped model, `self.peft_config` maps adapter names to configs. Subclasses set `prefix`
@@ -312,53 +313,6 @@ class BaseTuner(nn.Module):
             self.active_adapter = []
             if remaining:
                 self.set_adapter(remaining)
-
-    # --- merge / unload -----------------------------------------------------------------------------------------
-    def _check_known(self, adapter_names) -> None:
-        for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or []):
-            if name not in self.peft_config:
-                raise ValueError(f"Unknown adapter {name!r}; available adapters: {sorted(self.peft_config)}.")
-
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        self._check_known(adapter_names)
-        for _, layer in self.tuner_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unmerge_adapter(self) -> None:
-        for _, layer in self.tuner_layers():
-            layer.unmerge()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """Merge the active (or named) adapters into the base weights and return the plain model."""
-        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unload(self) -> nn.Module:
-        """Remove every tuner layer without merging and return the model; a `modules_to_save` module becomes the
-        active adapter's trained copy, as in `merge_and_unload` (upstream's behaviour)."""
-        return self._unload(merge=False)
-
-    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
-        from tqdm.auto import tqdm
-
-        self._check_known(adapter_names)
-        keys = [n for n, _ in self.tuner_layers() if not _inside_adapter_machinery(n)] + [
-            n for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
-        ]
-        for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "")):
-            parent, target, target_name = get_submodules(self.model, key)
-            if isinstance(target, ModulesToSaveWrapper):
-                replacement = target.unwrapped()  # the active adapter's trained copy, merged or not (as upstream)
-            else:
-                layer = target  # LoRA ParamWrappers nest (one per parameter of a module): merge each
-                while isinstance(layer, BaseTunerLayer):
-                    if merge:
-                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                    layer = layer.base_layer
-                replacement = target.get_base_layer()
-            setattr(parent, target_name, replacement)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
 
     def adapter_save_form(self, peft_model: nn.Module, adapter_names: list[str], kwargs: dict):
         """`(name, weights, config) -> (weights, config)`: the form `PeftModel.save_pretrained` writes each adapter

@@ -115,8 +115,8 @@ def test_metamath_answer_extraction_and_masking():
 def test_demo_smoke_inline():
     demo = _script("demo_bbc_minilm")
     torch.set_num_threads(1)
-    results = demo.main(["--smoke", "--inline", "--no-progress"])  # every method
-    assert [r["method"] for r in results] == list(demo.METHODS)
+    results = demo.main(["--smoke", "--inline", "--no-progress"])  # every default method
+    assert [r["method"] for r in results] == list(demo.DEFAULT_METHODS)
     data = results[0]["data"]
     assert data["n_duplicates_removed"] > 0
     assert data["n_train"] + data["n_val"] + data["n_test"] == data["n_unique"]
