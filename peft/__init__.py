@@ -26,6 +26,8 @@ from .peft_model_tasks import (
 )
 from .registry import register_peft_method
 from .tuners.adalora import AdaLoraConfig, AdaLoraModel
+from .tuners.dylora import DyLoRAConfig, DyLoRAModel
+from .tuners.krona import KronAConfig, KronAModel
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
@@ -35,8 +37,6 @@ from .tuners.lora.init_methods import LoftQConfig
 from .tuners.loraga import LoraGAConfig, LoraGAModel
 from .tuners.loraga.upstream import preprocess_loraga
 from .tuners.lorapro import LoraProConfig, LoraProModel
-from .tuners.krona import KronAConfig, KronAModel
-from .tuners.dylora import DyLoRAConfig, DyLoRAModel
 from .tuners.prompt_learning import (
     PrefixTuningConfig,
     PromptEncoder,
@@ -47,6 +47,7 @@ from .tuners.prompt_learning import (
     PromptTuningInit,
 )
 from .tuners.sora import SoraConfig, SoraGateProximal, SoraModel
+from .tuners.tiedlora import TiedLoraConfig, TiedLoraModel
 from .tuners.vera import VeraConfig, VeraModel
 from .utils import PeftType, TaskType, prepare_model_for_kbit_training
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -104,6 +105,8 @@ __all__ = [
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "TiedLoraConfig",
+    "TiedLoraModel",
     "VeraConfig",
     "VeraModel",
     "get_layer_status",

@@ -16,6 +16,7 @@ from .prompt_learning import (
     PromptTuningInit,
 )
 from .sora import SoraConfig, SoraModel
+from .tiedlora import TiedLoraConfig, TiedLoraModel
 from .vera import VeraConfig, VeraModel
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "PromptTuningInit",
     "SoraConfig",
     "SoraModel",
+    "TiedLoraConfig",
+    "TiedLoraModel",
     "VeraConfig",
     "VeraModel",
 ]

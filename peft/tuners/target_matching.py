@@ -277,11 +277,11 @@ def unmatched_target_warning(config, modules: list[str], parameters: list[str], 
     return None
 
 
-def unused_pattern_warnings(config, targeted: list[str]) -> list[str]:
-    """One message per `rank_pattern` / `alpha_pattern` of `config` with keys that select none of the `targeted`
-    names (so they were ignored), matched as `pattern_value` matches them."""
+def unused_pattern_warnings(config, targeted: list[str], fields=("rank_pattern", "alpha_pattern")) -> list[str]:
+    """One message per pattern field of `config` (`fields`: those the tuner type matches against module names) with
+    keys that select none of the `targeted` names (so they were ignored), matched as `pattern_value` matches them."""
     messages = []
-    for attr in ("rank_pattern", "alpha_pattern"):
+    for attr in fields:
         patterns = getattr(config, attr, None) or {}
         unused = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", key) for key in targeted))
         if unused:

@@ -43,6 +43,8 @@ class BaseTuner(MergeUnloadMixin, nn.Module):
 
     prefix: str = ""
     tuner_layer_cls: type = BaseTunerLayer
+    # config fields whose keys are patterns of module names (warned about when they select nothing)
+    module_pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
     uses_shared_state: bool = False  # no state shared between layers: inject_adapter_in_model works (upstream flag)
     _weights_on_meta: bool = False
 
@@ -185,7 +187,8 @@ class BaseTuner(MergeUnloadMixin, nn.Module):
         warning = unmatched_target_warning(config, matched, matched_params, excluded)
         if warning is not None:
             warnings.warn(*warning)
-        for message in unused_pattern_warnings(config, matched + [k.rpartition(".")[0] for k in matched_params]):
+        targeted = matched + [k.rpartition(".")[0] for k in matched_params]
+        for message in unused_pattern_warnings(config, targeted, self.module_pattern_fields):
             warnings.warn(message, RuntimeWarning)
         known = getattr(self, "targeted_module_names", [])
         self.targeted_module_names = known + [k for k in matched if k not in known]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import peft.utils.lora_ga_utils as ga_utils
+import peft.tuners.loraga.estimate as ga_estimate
 from peft import LoraConfig, LoraGACallback, LoraGAConfig, LoraProConfig, PeftModel, get_peft_model
 from peft.optimizers import LoraProAdamW
 from peft.tuners.loraga.model import factor_params
@@ -93,7 +93,7 @@ class Probe(transformers.TrainerCallback):
 @pytest.fixture
 def recorded_estimation(monkeypatch):
     """The batches `estimate_gradient` reads when LoraGACallback calls it."""
-    seen, real = [], ga_utils.estimate_gradient
+    seen, real = [], ga_estimate.estimate_gradient
 
     def recording(model, dataloader, **kwargs):
         def batches():
@@ -103,7 +103,7 @@ def recorded_estimation(monkeypatch):
 
         return real(model, batches(), **kwargs)
 
-    monkeypatch.setattr(ga_utils, "estimate_gradient", recording)
+    monkeypatch.setattr(ga_estimate, "estimate_gradient", recording)  # where LoraGACallback looks it up
     return seen
 
 

@@ -13,7 +13,7 @@ from ..tuners_utils import BaseTuner
 from .allocation import orthogonality_penalty
 from .allocator import RankAllocator, masks_by_path
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
-from .saving import adapter_to_save
+from .saving import adapter_to_save, expand_triplets
 
 # Default targets per transformers model type (upstream's table for AdaLoRA).
 DEFAULT_TARGETS = {
@@ -49,6 +49,7 @@ class AdaLoraModel(BaseTuner):
 
     prefix = "lora_"
     tuner_layer_cls = AdaLoraLayer
+    module_pattern_fields = ()  # rank_pattern holds the kept triplets per parameter (`<path>.lora_E.<adapter>`)
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", low_cpu_mem_usage: bool = False,
                  state_dict: Optional[dict] = None) -> None:
@@ -160,9 +161,27 @@ class AdaLoraModel(BaseTuner):
             allocator.mask_using_rank_pattern(layers, config.rank_pattern)
 
     # --- saving and unloading -----------------------------------------------------------------------------------
-    def adapter_to_save(self, adapter_name: str, weights: dict, config):
-        """The saved form: only the kept triplets when the config has a rank pattern (see `saving.py`)."""
-        return adapter_to_save(adapter_name, weights, config)
+    def adapter_save_form(self, peft_model: nn.Module, adapter_names: list[str], kwargs: dict):
+        """The saved form: only the kept triplets when an adapter's config has a rank pattern (see `saving.py`);
+        upstream's save keywords are checked as for every tuner type."""
+        super().adapter_save_form(peft_model, adapter_names, kwargs)
+        return adapter_to_save
+
+    def adapter_from_saved(self, adapter_name: str, weights: dict, config):
+        """Loading a file with a rank pattern into the existing adapter `adapter_name`: layers still at `init_r`
+        get the kept triplets back in place (zeros elsewhere); once loaded, the adapter's config takes the file's
+        rank pattern (so a later save writes the same ranks)."""
+        masks = masks_by_path(config.rank_pattern, adapter_name)
+        if not masks:
+            return weights, None
+        ranks = {path: layer.r[adapter_name] for path, layer in self.tuner_layers()
+                 if isinstance(layer, AdaLoraLayer) and adapter_name in layer.r}
+        live = self.peft_config[adapter_name]
+
+        def commit() -> None:
+            live.rank_pattern = {f"{path}.lora_E.{adapter_name}": mask for path, mask in masks.items()}
+
+        return expand_triplets(weights, masks, ranks), commit
 
     def add_weighted_adapter(self, *args, **kwargs):
         """Not supported for AdaLoRA (upstream's behaviour); use LoRA."""

@@ -54,3 +54,30 @@ def adapter_to_save(adapter_name: str, weights: dict, config) -> tuple[dict, obj
     saved = copy.copy(config)
     saved.rank_pattern = saved_rank_pattern(config.rank_pattern, adapter_name)
     return keep_triplets(weights, masks), saved
+
+
+def expand_triplets(weights: dict[str, torch.Tensor], masks: dict[str, list[bool]], ranks: dict[str, int],
+                    prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    """The inverse of `keep_triplets` for layers still at their full rank (`ranks[path] == len(mask)`): each file
+    tensor at the kept rank is put back in the full shape, zeros for the masked triplets (E = 0 there, so the layer
+    computes the same update)."""
+    out = dict(weights)
+    for path, mask in masks.items():
+        keep = torch.tensor(mask, dtype=torch.bool)
+        if ranks.get(path) != keep.numel():
+            continue
+        for attr in ("lora_A", "lora_E", "lora_B"):
+            key = f"{prefix}{path}.{attr}"
+            tensor = out.get(key)
+            dim = 0 if attr in _ROW_FACTORS else 1
+            if tensor is None or tensor.shape[dim] != int(keep.sum()) or tensor.shape[dim] == keep.numel():
+                continue
+            shape = list(tensor.shape)
+            shape[dim] = keep.numel()
+            full = tensor.new_zeros(shape)
+            if dim == 0:
+                full[keep.to(tensor.device)] = tensor
+            else:
+                full[:, keep.to(tensor.device)] = tensor
+            out[key] = full
+    return out

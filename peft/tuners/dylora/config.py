@@ -6,7 +6,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
 from ...config import PeftConfig
-from ...utils.config_validation import Rule, boolean, either, integer, number, one_of, optional, regex, sequence_of, text
+from ...utils.config_validation import (
+    Rule,
+    boolean,
+    either,
+    integer,
+    number,
+    one_of,
+    optional,
+    regex,
+    sequence_of,
+    text,
+)
 from ...utils.peft_types import PeftType
 from .rank_math import UPDATE_MODES
 
@@ -25,6 +36,8 @@ class DyLoRAConfig(PeftConfig):
         r: the largest rank. r_min: the smallest sampled rank (1 <= r_min <= r). lora_alpha: scale numerator.
         update_mode: "frozen" (the paper's Algorithm 1: only the b-th row of A / column of B gets a gradient; at
             b == r_min the first r_min rows) or "all" (every row up to b).
+        fixed_scale: scale every truncation by `lora_alpha / r` instead of the paper's `lora_alpha / b` (with
+            `alpha / b` a component's weight changes with b, so the truncations can only share a compromise).
         eval_rank: the rank used outside training and by merge (1 <= eval_rank <= r; None means r).
         rank_seed: seed of the rank sampler (None: drawn from torch's global RNG, so torch.manual_seed fixes it).
         lora_dropout, target_modules, exclude_modules, layers_to_transform, layers_pattern, fan_in_fan_out,
@@ -38,6 +51,7 @@ class DyLoRAConfig(PeftConfig):
     lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: the update is (alpha / b) B_b A_b."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
     update_mode: Literal["frozen", "all"] = field(default="frozen", metadata={"help": "'frozen' or 'all'."})
+    fixed_scale: bool = field(default=False, metadata={"help": "Scale every truncation by alpha / r (not alpha / b)."})
     eval_rank: Optional[int] = field(default=None, metadata={"help": "Rank for eval / merge (None: r)."})
     rank_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the rank sampler."})
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to adapt."})
@@ -56,6 +70,7 @@ class DyLoRAConfig(PeftConfig):
         "lora_alpha": number(0),
         "lora_dropout": number(0, 1, low_open=False),
         "update_mode": one_of(UPDATE_MODES),
+        "fixed_scale": boolean(),
         "eval_rank": optional(integer(1)),
         "rank_seed": optional(integer(0)),
         "target_modules": optional(_MODULE_NAMES),

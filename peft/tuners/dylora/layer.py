@@ -12,7 +12,7 @@ from torch import nn
 
 from ..krona.layer import linear_features
 from ..tuners_utils import BaseTunerLayer
-from .rank_math import RankSampler, trained_rows, truncated_apply, truncated_delta
+from .rank_math import RankSampler, dylora_scale, trained_rows, truncated_apply, truncated_delta
 
 
 class DyLoRALayer(BaseTunerLayer):
@@ -21,7 +21,7 @@ class DyLoRALayer(BaseTunerLayer):
 
     adapter_layer_names = ("dylora_A", "dylora_B")
     other_param_names = ("dylora_r", "dylora_r_min", "dylora_alpha", "dylora_eval_rank", "dylora_update_mode",
-                         "dylora_sampler", "dylora_dropout")
+                         "dylora_sampler", "dylora_dropout", "dylora_fixed_scale", "scaling")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -34,6 +34,9 @@ class DyLoRALayer(BaseTunerLayer):
         self.dylora_eval_rank: dict[str, int] = {}
         self.dylora_update_mode: dict[str, str] = {}
         self.dylora_sampler: dict[str, RankSampler] = {}
+        self.dylora_fixed_scale: dict[str, bool] = {}
+        # an extra factor on the update, 1.0 (the name `peft.helpers.rescale_adapter_scale` multiplies)
+        self.scaling: dict[str, float] = {}
         self._merged_rank: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -41,7 +44,7 @@ class DyLoRALayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, sampler: RankSampler, r_min: int = 1,
                      lora_dropout: float = 0.0, update_mode: str = "frozen", eval_rank: Optional[int] = None,
-                     init_lora_weights=True) -> None:
+                     init_lora_weights=True, fixed_scale: bool = False) -> None:
         base = self.get_base_layer()
         dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
         A = torch.empty(r, self.in_features, dtype=dtype)  # on meta inside BaseTuner's low_cpu_mem_usage context
@@ -53,6 +56,8 @@ class DyLoRALayer(BaseTunerLayer):
         self.dylora_r[adapter_name], self.dylora_r_min[adapter_name] = r, r_min
         self.dylora_alpha[adapter_name] = float(lora_alpha)
         self.dylora_update_mode[adapter_name] = update_mode
+        self.dylora_fixed_scale[adapter_name] = bool(fixed_scale)
+        self.scaling[adapter_name] = 1.0
         self.dylora_sampler[adapter_name] = sampler
         self.dylora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.set_rank(adapter_name, r if eval_rank is None else eval_rank)
@@ -87,15 +92,22 @@ class DyLoRALayer(BaseTunerLayer):
             return self.dylora_sampler[adapter_name].rank_for(id(self))
         return self.dylora_eval_rank[adapter_name]
 
+    def scale(self, adapter_name: str, b: int) -> float:
+        """`alpha / b` (the paper), or `alpha / r` with `fixed_scale` (times `scaling[name]`, 1 unless rescaled)."""
+        base = dylora_scale(self.dylora_alpha[adapter_name], b, self.dylora_r[adapter_name],
+                            self.dylora_fixed_scale[adapter_name])
+        return self.scaling[adapter_name] * base
+
     # --- merge --------------------------------------------------------------------------------------------------
     def _delta(self, adapter_name: str, rank: int) -> torch.Tensor:
         A, B = self.dylora_A[adapter_name], self.dylora_B[adapter_name]
         dtype = torch.promote_types(A.dtype, torch.float32)
-        delta = truncated_delta(A.to(dtype), B.to(dtype), rank, self.dylora_alpha[adapter_name])
+        delta = truncated_delta(A.to(dtype), B.to(dtype), rank, self.scale(adapter_name, rank))
         return delta.T if self.fan_in_fan_out else delta
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """`(alpha / b) B[:, :b] A[:b]` at the eval rank b, shaped and typed like the stored base weight."""
+        """`s_b B[:, :b] A[:b]` at the eval rank b (`s_b = alpha / b`, or `alpha / r` with fixed_scale), shaped and
+        typed like the stored base weight."""
         return self._delta(adapter_name, self.dylora_eval_rank[adapter_name]).to(self.get_base_layer().weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -132,8 +144,8 @@ class DyLoRALayer(BaseTunerLayer):
             A, B = self.dylora_A[name], self.dylora_B[name]
             b = self.current_rank(name)
             lo = trained_rows(b, self.dylora_r_min[name], self.dylora_update_mode[name])[0] if self.training else 0
-            h = self.dylora_dropout[name](x.to(A.dtype))
-            result = result + truncated_apply(h, A, B, b, self.dylora_alpha[name], lo).to(result.dtype)
+            h = self.dylora_dropout[name](x.to(A.dtype) if getattr(self, "cast_input_dtype_enabled", True) else x)
+            result = result + truncated_apply(h, A, B, b, self.scale(name, b), lo).to(result.dtype)
         return result
 
 

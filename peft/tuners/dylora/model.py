@@ -30,11 +30,22 @@ class DyLoRAModel(BaseTuner):
         kwargs = {"r": config.r, "r_min": config.r_min, "lora_alpha": config.lora_alpha,
                   "lora_dropout": config.lora_dropout, "update_mode": config.update_mode,
                   "eval_rank": config.eval_rank, "init_lora_weights": config.init_lora_weights,
+                  "fixed_scale": config.fixed_scale,
                   "sampler": self._sampler(config, adapter_name)}
         if isinstance(target, DyLoRALayer):
             target.update_layer(adapter_name, **kwargs)
         else:
             setattr(parent, target_name, Linear(target, adapter_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs))
+
+    def forward_context(self, peft_model, kwargs: dict, generate: bool = False):
+        """`PeftModel.forward` in training mode starts a step: each active adapter draws its rank once."""
+        context = super().forward_context(peft_model, kwargs, generate)
+        if self.model.training and not generate:
+            samplers = self.__dict__.get("_rank_samplers", {})
+            for name in self.active_adapters:
+                if name in samplers:
+                    samplers[name].start_step()
+        return context
 
     def rank_sampler(self, adapter_name: str = "default") -> RankSampler:
         """The sampler of `adapter_name` (its `fixed` attribute pins the training rank)."""

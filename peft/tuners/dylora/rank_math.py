@@ -18,9 +18,13 @@ import torch
 UPDATE_MODES: tuple[str, ...] = ("frozen", "all")
 
 
-def dylora_scale(alpha: float, b: int) -> float:
-    """The scale of a rank-b truncation: `alpha / b`."""
-    return alpha / b
+def dylora_scale(alpha: float, b: int, r: int, fixed: bool = False) -> float:
+    """The scale of a rank-b truncation: `alpha / b` (the paper), or `alpha / r` at every b with `fixed`.
+
+    With `alpha / b` the i-th component is weighted differently at each rank, so no factors make every truncation
+    optimal at once (a compromise is learned); with `alpha / r` nested optimal factors exist (an SVD's leading
+    components)."""
+    return alpha / (r if fixed else b)
 
 
 def trained_rows(b: int, r_min: int, mode: str) -> tuple[int, int]:
@@ -43,23 +47,25 @@ def truncated_factors(A: torch.Tensor, B: torch.Tensor, b: int, lo: int = 0) -> 
     return A_b, B_b
 
 
-def truncated_delta(A: torch.Tensor, B: torch.Tensor, b: int, alpha: float) -> torch.Tensor:
-    """`(alpha / b) * B[:, :b] @ A[:b]`: the m x n update at rank b."""
-    return (B[:, :b] @ A[:b]) * dylora_scale(alpha, b)
+def truncated_delta(A: torch.Tensor, B: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+    """`scale * B[:, :b] @ A[:b]`: the m x n update at rank b (`scale` from `dylora_scale`)."""
+    return (B[:, :b] @ A[:b]) * scale
 
 
-def truncated_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: int, alpha: float, lo: int = 0):
-    """`(alpha / b) * x @ A[:b]^T @ B[:, :b]^T` for `x` of shape `(..., n)`, without the m x n matrix."""
+def truncated_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: int, scale: float, lo: int = 0):
+    """`scale * x @ A[:b]^T @ B[:, :b]^T` for `x` of shape `(..., n)`, without the m x n matrix."""
     A_b, B_b = truncated_factors(A, B, b, lo)
-    return (x @ A_b.transpose(0, 1)) @ B_b.transpose(0, 1) * dylora_scale(alpha, b)
+    return (x @ A_b.transpose(0, 1)) @ B_b.transpose(0, 1) * scale
 
 
 class RankSampler:
     """One sampled rank per training step, shared by every layer of one adapter.
 
-    A layer asks `rank_for(key)` in each training forward; the first ask of a step draws `b ~ U{r_min..r}` and the
-    other layers get the same `b`. A layer asking twice means the next step has begun: a new `b` is drawn. (A
-    module called twice in one forward, or recomputed by gradient checkpointing, therefore starts a new draw.)
+    Through `PeftModel`, the tuner calls `start_step()` at the start of every training forward (its
+    `forward_context`): one `b ~ U{r_min..r}` holds for every layer until the next forward, so a module called twice
+    and gradient checkpointing's recompute see the same b. Without a `PeftModel` (`inject_adapter_in_model`), a
+    layer's `rank_for(key)` draws: the first ask of a step draws b, the other layers get the same b, and a layer
+    asking twice means the next step has begun (then a module called twice in one forward starts a new draw).
     `fixed` pins the training rank (e.g. to measure one rank).
     """
 
@@ -67,19 +73,26 @@ class RankSampler:
         if not 1 <= r_min <= r_max:
             raise ValueError(f"Invalid r_min={r_min}: expected 1 <= r_min <= r={r_max}.")
         self.r_min, self.r_max = r_min, r_max
-        self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed)
+        self.generator = torch.Generator(device="cpu")  # explicit cpu: may be built inside a meta-device context
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,), device="cpu").item()) if seed is None else seed)
         self.current: Optional[int] = None
         self.fixed: Optional[int] = None
         self._seen: set = set()
+        self._stepped = False  # True once the tuner's forward context drives the steps
+
+    def start_step(self) -> None:
+        """A new training step: draw b for every layer until the next call."""
+        self.current, self._seen, self._stepped = self.draw(), set(), True
 
     def draw(self) -> int:
-        b = torch.randint(self.r_min, self.r_max + 1, (1,), generator=self.generator).item()
+        b = torch.randint(self.r_min, self.r_max + 1, (1,), generator=self.generator, device="cpu").item()
         return int(b)
 
     def rank_for(self, key) -> int:
         if self.fixed is not None:
             return self.fixed
+        if self._stepped and self.current is not None:
+            return self.current
         if self.current is None or key in self._seen:
             self.current, self._seen = self.draw(), set()
         self._seen.add(key)

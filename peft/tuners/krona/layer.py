@@ -31,21 +31,26 @@ def _factor_dtype(base: nn.Module) -> torch.dtype:
 
 
 class KronALayer(BaseTunerLayer):
-    """Per-adapter KronA state around `base_layer`: `krona_A[name]` (a1 x a2), `krona_B[name]` (b1 x b2), the scale."""
+    """Per-adapter KronA state around `base_layer`: `krona_A[name]` (a1 x a2), `krona_B[name]` (b1 x b2), the scale
+    `scaling[name]` (s)."""
 
     adapter_layer_names = ("krona_A", "krona_B")
-    other_param_names = ("krona_scale", "krona_dropout", "krona_shape")
+    other_param_names = ("scaling", "krona_dropout", "krona_shape")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.krona_A = nn.ParameterDict({})
         self.krona_B = nn.ParameterDict({})
         self.krona_dropout = nn.ModuleDict({})
-        self.krona_scale: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}  # s per adapter (the name `peft.helpers.rescale_adapter_scale` reads)
         self.krona_shape: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.in_features, self.out_features = linear_features(self.get_base_layer())
+        self.in_features, self.out_features = self._features()
+
+    def _features(self) -> tuple[int, int]:
+        """(in, out) of the matrix the update is shaped like (Conv2d: in_channels * kh * kw, out_channels)."""
+        return linear_features(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, krona_dim: FactorSpec, krona_scale: float, krona_dropout: float = 0.0,
                      init_weights=True, where: str = "") -> None:
@@ -60,7 +65,7 @@ class KronALayer(BaseTunerLayer):
         self.krona_A[adapter_name] = nn.Parameter(A)
         self.krona_B[adapter_name] = nn.Parameter(B)
         self.krona_shape[adapter_name] = ((a1, a2), (b1, b2))
-        self.krona_scale[adapter_name] = float(krona_scale)
+        self.scaling[adapter_name] = float(krona_scale)
         self.krona_dropout[adapter_name] = nn.Dropout(krona_dropout) if krona_dropout > 0 else nn.Identity()
         self.reset_krona_parameters(adapter_name, init_weights)
         self.set_adapter(self.active_adapters)
@@ -78,11 +83,13 @@ class KronALayer(BaseTunerLayer):
 
     # --- merge --------------------------------------------------------------------------------------------------
     def _delta(self, adapter_name: str) -> torch.Tensor:
-        """`s * kron(A, B)` in at least fp32, shaped like the stored base weight (transposed for Conv1D)."""
+        """`s * kron(A, B)` in at least fp32, shaped like the stored base weight (transposed for Conv1D, reshaped
+        to the kernel for Conv2d)."""
         A, B = self.krona_A[adapter_name], self.krona_B[adapter_name]
         dtype = torch.promote_types(A.dtype, torch.float32)
-        delta = kron_delta(A.to(dtype), B.to(dtype), self.krona_scale[adapter_name])
-        return delta.T if self.fan_in_fan_out else delta
+        delta = kron_delta(A.to(dtype), B.to(dtype), self.scaling[adapter_name])
+        delta = delta.T if self.fan_in_fan_out else delta
+        return delta.reshape(self.get_base_layer().weight.shape)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self._delta(adapter_name).to(self.get_base_layer().weight.dtype)
@@ -117,8 +124,8 @@ class KronALayer(BaseTunerLayer):
             if name not in self.krona_A:
                 continue
             A, B = self.krona_A[name], self.krona_B[name]
-            h = self.krona_dropout[name](x.to(A.dtype))
-            result = result + (kron_apply(h, A, B) * self.krona_scale[name]).to(result.dtype)
+            h = self.krona_dropout[name](x.to(A.dtype) if getattr(self, "cast_input_dtype_enabled", True) else x)
+            result = result + (kron_apply(h, A, B) * self.scaling[name]).to(result.dtype)
         return result
 
 

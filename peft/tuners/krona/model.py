@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..target_matching import all_linear_names, pattern_value
 from ..tuners_utils import BaseTuner
+from .conv import Conv2d
 from .layer import KronALayer, Linear
 
 # KronA adapts the same projections as LoRA by default (the paper adapts attention's query and value).
@@ -40,4 +43,6 @@ class KronAModel(BaseTuner):
         if isinstance(target, KronALayer):
             target.update_layer(adapter_name, **kwargs)
         else:
-            setattr(parent, target_name, Linear(target, adapter_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs))
+            layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
+            layer = layer_cls(target, adapter_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs)
+            setattr(parent, target_name, layer)

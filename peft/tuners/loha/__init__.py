@@ -6,6 +6,6 @@ from .model import LoHaModel
 
 from ...registry import register_peft_method  # noqa: E402  (isort: skip)
 
-register_peft_method(name="loha", config_cls=LoHaConfig, model_cls=LoHaModel, prefix="hada_")
+register_peft_method(name="loha", config_cls=LoHaConfig, model_cls=LoHaModel, prefix="hada_", is_mixed_compatible=True)
 
 __all__ = ["Conv1d", "Conv2d", "Linear", "LoHaConfig", "LoHaLayer", "LoHaModel"]

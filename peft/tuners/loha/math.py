@@ -9,8 +9,31 @@ from ..lycoris_common.math import cp_rebuild
 
 def hadamard_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """`scale * (w1a @ w1b) * (w2a @ w2b)`: w1a, w2a (m, r); w1b, w2b (r, n) -> (m, n)."""
+    """`scale * (w1a @ w1b) * (w2a @ w2b)`: w1a, w2a (m, r); w1b, w2b (r, n) -> (m, n).
+
+    Under autograd only the four factors are kept for the backward pass (the two m x n products are recomputed
+    there), not the products themselves: one m x n tensor less per adapted layer than plain autograd."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (w1a, w1b, w2a, w2b)):
+        return _HadamardDelta.apply(w1a, w1b, w2a, w2b, scale)
     return (w1a @ w1b) * (w2a @ w2b) * scale
+
+
+class _HadamardDelta(torch.autograd.Function):
+    """d/dW1 of `s W1 ⊙ W2` is `s G ⊙ W2` (G the output gradient), then the chain rule through W1 = w1a w1b."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, scale):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)  # (m, n): gradient w.r.t. W1
+        g2 = grad * (w1a @ w1b)  # (m, n): gradient w.r.t. W2
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
 
 
 def hadamard_delta_cp(t1: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, t2: torch.Tensor,

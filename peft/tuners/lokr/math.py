@@ -63,9 +63,16 @@ def lokr_shapes(out_features: int, in_per_group: int, kernel: tuple[int, ...], r
 def kron_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
     """`scale * kron(W1, W2)`: W1 (a, c), W2 (b, d) -> (a b, c d); a 4-D W2 (b, d, k1, k2) gives (a b, c d, k1, k2)
     (W1 gets two trailing unit dims). Other ranks follow `torch.kron`'s rule (leading unit dims)."""
+    w1, w2 = _canonical(w1), _canonical(w2)
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2.contiguous()) * scale
+    return torch.kron(w1, w2) * scale
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """`t` with row-major strides, size-1 dims included: `torch.kron` views its inputs, and an einsum result or an
+    r = 1 product can be "contiguous" with odd strides on its unit dims, which that view refuses."""
+    return t.contiguous().view(-1).view(t.shape)
 
 
 def w2_from_core(core: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor) -> torch.Tensor:

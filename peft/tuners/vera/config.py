@@ -27,7 +27,7 @@ _MODULE_NAMES = either(regex(), sequence_of(text(), "module name strings", into=
 
 @dataclass
 class VeraConfig(PeftConfig):
-    """Vector-based random matrix adaptation (Kopiczko et al. 2024, arXiv 2310.11454, eq. 2):
+    """Vector-based random matrix adaptation (Kopiczko et al. 2024, arXiv 2310.11454):
     `h = W x + Lambda_b B Lambda_d A x`, with `A` (r x max_in) and `B` (max_out x r) frozen random matrices shared
     by every adapted layer and `Lambda_d = diag(vera_lambda_d)` (r), `Lambda_b = diag(vera_lambda_b)` (out) trained
     per layer. A layer of shape (out, in) uses `A[:, :in]` and `B[:out, :]`.

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ...utils.transformers_weight_conversion import legacy_module_names
 from .._buffer_dict import BufferDict
-from ..target_matching import _inside_adapter_machinery, all_linear_names, check_target_module_exists
+from ..target_matching import EXCLUDED, _inside_adapter_machinery, all_linear_names, check_target_module_exists
 from ..tuners_utils import BaseTuner
 from .layer import Linear, VeraLayer, linear_features
 from .projections import draw_projections
@@ -34,9 +35,17 @@ def prepare_targets(model: nn.Module, config, model_config: dict, defaults: dict
 
 def targeted_linear_shapes(model: nn.Module, config) -> dict[str, tuple[int, int]]:
     """Module name -> (in, out) of every Linear / Conv1D (or layer wrapping one) that `config` targets."""
+    legacy = legacy_module_names(model)  # transformers v5 renamed modules: a config may name the old ones
+
+    def targeted(key: str) -> bool:
+        found = check_target_module_exists(config, key)
+        if found is EXCLUDED or (key in legacy and check_target_module_exists(config, legacy[key]) is EXCLUDED):
+            return False
+        return bool(found) or (key in legacy and bool(check_target_module_exists(config, legacy[key])))
+
     shapes = {}
     for key, module in model.named_modules():
-        if not key or _inside_adapter_machinery(key) or not check_target_module_exists(config, key):
+        if not key or _inside_adapter_machinery(key) or not targeted(key):
             continue
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         features = linear_features(base)
