@@ -30,8 +30,9 @@ test: install
 lint: install
 	$(PY) -m ruff check peft tests examples benchmarks
 
+# ARGS, e.g. ARGS="--methods lora,loha,vera" (python examples/demo_bbc_minilm.py --help)
 demo: install-demo
-	$(PY) examples/demo_bbc_minilm.py
+	$(PY) examples/demo_bbc_minilm.py $(ARGS)
 
 bench: install-demo
 	$(PY) benchmarks/run_all.py
