@@ -11,6 +11,7 @@ matrix before calling these functions (Conv1D and Embedding transpose, Conv2d fl
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Literal, Optional
 
 import torch
@@ -43,12 +44,30 @@ def top_svd(matrix: torch.Tensor, k: int, method: str = "auto", niter: int = 4):
         raise ValueError(f"Invalid svd method {method!r}: expected one of {SVD_METHODS}.")
     m, n = matrix.shape
     q = min(2 * k, m, n)
-    if method == "exact" or (method == "auto" and (q == min(m, n) or min(m, n) <= EXACT_SVD_MAX_DIM)):
-        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    else:
-        U, S, V = torch.svd_lowrank(matrix, q=q, niter=niter)
-        Vh = V.T
+    with one_cpu_thread(matrix):
+        if method == "exact" or (method == "auto" and (q == min(m, n) or min(m, n) <= EXACT_SVD_MAX_DIM)):
+            U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        else:
+            U, S, V = torch.svd_lowrank(matrix, q=q, niter=niter)
+            Vh = V.T
     return U[:, :k], S[:k], Vh[:k]
+
+
+@contextmanager
+def one_cpu_thread(matrix: torch.Tensor):
+    """Inside, CPU LAPACK runs on one thread. Its SVD result depends on the number of threads (a float32 384 x 1536
+    gradient's singular vectors differ by 3e-4 between 1 and 2 threads, float64 ones by 2e-9), and the library may
+    pick fewer threads than asked under load, so the same LoRA-GA run gave another init from one process to the
+    next; on one thread the SVD is a function of its input. Accelerator tensors are not affected."""
+    if matrix.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def direction_indices(r: int, direction: str, generator: Optional[torch.Generator] = None):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import quant
+from .init_math import one_cpu_thread
 
 
 @dataclass
@@ -113,18 +114,19 @@ class _Target:
     def next_pass(self, total: torch.Tensor) -> None:
         """`total`: this pass's product, summed over all batches and processes, divided by their number."""
         self.last, self.product = self.basis, total
-        self.basis = torch.linalg.qr(total).Q
+        with one_cpu_thread(total):  # LAPACK's result depends on its thread count (init_math.one_cpu_thread)
+            self.basis = torch.linalg.qr(total).Q
         self.right = not self.right
         self.sum = None
 
     def result(self) -> "LowRankGradient":
         # after a right pass: G ~ Y P^T (P = self.last); after a left pass: G ~ Q Z^T (Q = self.last)
-        Q, R = torch.linalg.qr(self.product)
+        with one_cpu_thread(self.product):
+            Q, R = torch.linalg.qr(self.product)
+            Ur, S, Vrh = torch.linalg.svd(R if not self.right else R.T)
         if not self.right:  # the last pass was right: Y = Q R, G ~ Q R P^T
-            Ur, S, Vrh = torch.linalg.svd(R)
             U, Vh = Q @ Ur, Vrh @ self.last.T.to(Q.device)
         else:  # Z = Q R, G ~ last R^T Q^T
-            Ur, S, Vrh = torch.linalg.svd(R.T)
             U, Vh = self.last.to(Q.device) @ Ur, Vrh @ Q.T
         return LowRankGradient(U.cpu().contiguous(), S.cpu(), Vh.cpu().contiguous(), self.shape)
 

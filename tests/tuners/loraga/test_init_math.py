@@ -127,3 +127,21 @@ def test_final_scale_is_unchanged(rslora):
     ranks, alphas = im.final_patterns({"q": 4}, {"k": 8}, rslora)
     assert ranks == {"q": 8}
     assert lora_scaling(alphas["k"], 2 * R, rslora) == pytest.approx(lora_scaling(8, R, rslora))
+
+
+def test_svd_does_not_depend_on_the_callers_thread_count():
+    """LAPACK's SVD differs in the last bits with the number of threads (here the singular vectors of a 1536 x 384
+    float32 matrix, by ~3e-4 between 1 and 2 threads): LoRA-GA's runs on one, so an init repeats exactly."""
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.randn(1536, 384, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(im.top_svd(matrix, 16, "exact"))
+            assert torch.get_num_threads() == count  # restored after the SVD
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
