@@ -1,5 +1,6 @@
-"""Tuner types. Each lives in its own folder and registers itself in `peft/__init__.py`; `prompt_learning` holds
-configs only (registered for lookup by peft_type, with no tuner)."""
+"""Tuner types. Each lives in its own folder and registers itself there (`register_peft_method` in its
+`__init__.py`), so importing the folder is all it takes; `prompt_learning` holds configs only (registered for lookup
+by peft_type, with no tuner)."""
 
 from .adalora import AdaLoraConfig, AdaLoraModel
 from .dylora import DyLoRAConfig, DyLoRAModel
