@@ -5,18 +5,20 @@ Each collected test id gets one verdict, checked in this order:
 1. `gpu`: files that only run on an accelerator (`GPU_FILES`) or tests with a GPU-only marker.
 2. `other-tuner-file:<file>`: files dedicated to another tuner type, or to a mix of tuner types.
 3. `lora-variant-file:<file>`: files dedicated to a LoRA sub-variant or LoRA optimizer issue 15 does not ask for.
-4. By the config classes named in the id's parameters (`[...-AdaLoraConfig-config_kwargs3]`): any class upstream
-   defines outside `tuners/lora` is `other-tuner:<Class>`; a LoRA sub-variant config (`VARIANT_CONFIGS`) is
-   `lora-variant:<Class>`.
+4. By the config classes named in the id's parameters (`[...-BOFTConfig-config_kwargs3]`): any class upstream
+   defines outside `tuners/lora` and the kept tuner folders (`KEPT_TUNERS`) is `other-tuner:<Class>`; a LoRA
+   sub-variant config (`VARIANT_CONFIGS`) is `lora-variant:<Class>`.
 5. By words in the id (test name, class name, parameter label): a tuner folder name of upstream's `peft/tuners`
-   (`LOKR`, `test_ia3_...`, `TestAdaLoraInitialization`) is `other-tuner:<name>`; a variant word (`VARIANT_WORDS`)
+   other than the kept ones (`test_ia3_...`, `TestBOFT`) is `other-tuner:<name>`; a variant word (`VARIANT_WORDS`)
    is `lora-variant:<name>` (always checked: `Vanilla MLP 1 LoRA with KaSA-MLP-LoraConfig-...`); tuner names
    only count when step 4 found no config class (so `LoRA + trainable tokens ...-LoraConfig-...` stays).
 6. By the parametrized values (`item.callspec.params`, see `classify_params`), for ids the steps above keep: a
    variant config class (`VARIANT_CONFIGS`) as a value, or a variant word (`VARIANT_WORDS`) as a dict key / config
    attribute with a set value (`{"alora_invocation_tokens": [1]}`) or as a whole string value (`"mica"`), is
    `lora-variant:<word> (param)`. Only LoRA sub-variants are found this way, never other tuners.
-7. Everything else is `kept`: LoRA and generic tests.
+7. Everything else is `kept`: LoRA, the tuner types this fork implements in upstream's format (`KEPT_TUNERS`:
+   LoHa, LoKr, VeRA, AdaLoRA, with their configs `KEPT_CONFIGS` and their dedicated file `test_vera.py`), and
+   generic tests.
 
 Network and GPU needs that only show at run time (a hub model id offline, a skip for a missing accelerator) are
 classified from the outcome in `compat.report`, not here.
@@ -38,7 +40,7 @@ OTHER_TUNER_FILES = frozenset({
     "test_adamss_asa.py", "test_adaption_prompt.py", "test_boft.py", "test_cartridge.py", "test_cpt.py",
     "test_deft.py", "test_frod.py", "test_mixed.py", "test_multitask_prompt_tuning.py", "test_osf.py", "test_poly.py",
     "test_pvera.py", "test_randlora.py", "test_shadow.py", "test_shira.py", "test_stablediffusion.py",
-    "test_supertuning.py", "test_unilora.py", "test_vblora.py", "test_vera.py", "test_xlora.py",
+    "test_supertuning.py", "test_unilora.py", "test_vblora.py", "test_xlora.py",
 })
 VARIANT_FILES = frozenset({
     "test_arrow.py", "test_bdlora.py", "test_velora.py", "test_lora_megatron.py", "test_lorafa.py",
@@ -51,8 +53,11 @@ VARIANT_CONFIGS = frozenset({"KasaConfig", "MontecloraConfig", "BdLoraConfig", "
 # Words naming a LoRA sub-variant issue 15 does not ask for; matched like tuner names (see `_word_pattern`).
 VARIANT_WORDS = ("kasa", "monteclora", "bd_lora", "velora", "alora", "activated_lora", "arrow", "qalora", "megatron",
                  "mica", "lora_fa", "lora_plus")
+# Upstream tuner types this fork implements (kept like LoRA): folder names and their config classes.
+KEPT_TUNERS = frozenset({"loha", "lokr", "vera", "adalora"})
+KEPT_CONFIGS = frozenset({"LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig"})
 # Folders of upstream's peft/tuners that are not other tuner types for this purpose.
-NOT_OTHER_TUNERS = frozenset({"lora", "mixed", "trainable_tokens"})
+NOT_OTHER_TUNERS = frozenset({"lora", "mixed", "trainable_tokens"}) | KEPT_TUNERS
 # Used when the upstream source is not at hand (unit tests); the run reads the folders and config classes themselves.
 FALLBACK_TUNERS = (
     "adalora", "adamss", "adaption_prompt", "beft", "boft", "c3a", "cartridge", "cpt", "deft", "delora", "fourierft",
@@ -89,13 +94,13 @@ class Selector:
         tuners = tuple(sorted(p.name for p in tuners_dir.iterdir() if p.is_dir() and not p.name.startswith("_")))
         configs = set()
         for path in tuners_dir.glob("*/*.py"):
-            if path.parent.name not in ("lora", "trainable_tokens", "mixed"):
+            if path.parent.name not in NOT_OTHER_TUNERS:
                 configs.update(re.findall(r"^class ([A-Za-z0-9]+Config)\b", path.read_text(), flags=re.M))
         configs.add("TrainableTokensConfig")
         return cls(tuners, frozenset(configs))
 
     def _is_other_config(self, name: str) -> bool:
-        if name in LORA_CONFIGS or name in VARIANT_CONFIGS:
+        if name in LORA_CONFIGS or name in KEPT_CONFIGS or name in VARIANT_CONFIGS:
             return False
         if self.other_configs is not None:
             return name in self.other_configs
@@ -109,7 +114,7 @@ class Selector:
         verdict = self._by_file(test_id) or self._by_config(configs) or self._by_words(self.variant_patterns, words)
         if verdict:
             return verdict
-        if any(name in LORA_CONFIGS for name in configs):
+        if any(name in LORA_CONFIGS or name in KEPT_CONFIGS for name in configs):
             return KEPT
         return self._by_words(self.tuner_patterns, words, "other-tuner") or KEPT
 

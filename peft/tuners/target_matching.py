@@ -7,6 +7,8 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
+from ._buffer_dict import BufferDict
+
 _LINEAR_TYPE_NAMES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
 
 
@@ -188,7 +190,7 @@ def _attribute_prefixes(module: nn.Module, module_name: str, adapter_name: Optio
             continue
         prefix = f"{module_name}.{attr}" if module_name else attr
         value = getattr(module, attr)
-        keyed = isinstance(value, (nn.ModuleDict, nn.ParameterDict)) or type(value).__name__ == "BufferDict"
+        keyed = isinstance(value, (nn.ModuleDict, nn.ParameterDict, BufferDict))
         if adapter_name is None or not keyed:
             prefixes.add(prefix)
         elif adapter_name in value:

@@ -12,6 +12,8 @@ from typing import Literal, Optional, Union
 
 from torch import nn
 
+from ..tuners._buffer_dict import BufferDict
+
 IRREGULAR = "irregular"
 
 _BNB_BASES = {"Linear4bit": "bnb 4bit", "Linear8bitLt": "bnb 8bit"}
@@ -61,7 +63,7 @@ def _containers(module: nn.Module, attrs) -> list:
     out = []
     for attr in attrs:
         container = getattr(module, attr, None)
-        if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or type(container).__name__ == "BufferDict":
+        if isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)):
             out.append(container)
     return out
 

@@ -74,6 +74,8 @@ class AdaLoraConfig(LoraConfig):
         "total_step": optional(integer(1)),
         "rank_pattern": optional(_RANK_MASKS),
         "init_lora_weights": one_of((True, False, "gaussian")),
+        # "adalora_only" (the `<method>_only` form upstream also accepts) means the same as "lora_only"
+        "bias": one_of(("none", "all", "lora_only", "adalora_only")),
     }
 
     def __post_init__(self) -> None:

@@ -190,7 +190,8 @@ class SVDConv2d(nn.Module, AdaLoraLayer):
     def _branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.get_base_layer()
         a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
-        kernel = svd_delta(a, e, b, self.scaling[name], self.ranknum[name]).reshape(base.weight.shape)
+        # ranknum stays fp32 while the factors may be half (autocast_adapter_dtype=False): conv2d needs one dtype
+        kernel = svd_delta(a, e, b, self.scaling[name], self.ranknum[name]).reshape(base.weight.shape).to(x.dtype)
         padding = base.padding if base.padding_mode == "zeros" else 0
         if base.padding_mode != "zeros":
             x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)

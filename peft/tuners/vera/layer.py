@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..tuner_layer import BaseTunerLayer
@@ -47,11 +48,22 @@ class VeraLayer(DeltaMergeMixin, BaseTunerLayer):
         self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self._vera_shared = shared  # (vera_A, vera_B) BufferDicts of the tuner model; a tuple is not registered
         self.r: dict[str, int] = {}
-        self.vera_dropout = nn.ModuleDict({})
+        # dropout probabilities, applied functionally: no submodule that a regex target could match
+        self.vera_dropout: dict[str, float] = {}
         self.vera_lambda_b = nn.ParameterDict({})
         self.vera_lambda_d = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+
+    @property
+    def vera_A(self):
+        """The tuner model's shared `vera_A` store (adapter -> (r, max_in) tensor); not a submodule of the layer."""
+        return self._vera_shared[0]
+
+    @property
+    def vera_B(self):
+        """The tuner model's shared `vera_B` store (adapter -> (max_out, r) tensor); not a submodule of the layer."""
+        return self._vera_shared[1]
 
     def projections(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared (A, B) of `adapter_name` (full size; slice with `in_features` / `out_features`)."""
@@ -70,7 +82,7 @@ class VeraLayer(DeltaMergeMixin, BaseTunerLayer):
         weight = base.weight
         kwargs = {"dtype": adapter_dtype(base), "device": None if weight.is_meta else weight.device}
         self.r[adapter_name] = config.r
-        self.vera_dropout[adapter_name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self.vera_dropout[adapter_name] = float(config.vera_dropout)
         if config.init_weights:
             lambda_b = torch.zeros(self.out_features, **kwargs)
             lambda_d = torch.full((config.r,), float(config.d_initial), **kwargs)
@@ -112,6 +124,8 @@ class Linear(nn.Module, VeraLayer):
                 continue
             lambda_d, lambda_b = self.vera_lambda_d[name], self.vera_lambda_b[name]
             A, B = (t.to(device=x.device, dtype=lambda_d.dtype) for t in self.projections(name))
-            h = self.vera_dropout[name](x.to(lambda_d.dtype))
+            h = x.to(lambda_d.dtype)
+            if self.vera_dropout[name] > 0:
+                h = F.dropout(h, self.vera_dropout[name], training=self.training)
             result = result + vera_update(h, A, B, lambda_d, lambda_b).to(out_dtype)
         return result

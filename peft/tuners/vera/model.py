@@ -9,7 +9,7 @@ from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.transformers_weight_conversion import legacy_module_names
-from .._buffer_dict import BufferDict
+from .._buffer_dict import BufferDict as _PlainBufferDict
 from ..target_matching import EXCLUDED, _inside_adapter_machinery, all_linear_names, check_target_module_exists
 from ..tuners_utils import BaseTuner
 from .layer import Linear, VeraLayer, linear_features
@@ -54,6 +54,18 @@ def targeted_linear_shapes(model: nn.Module, config) -> dict[str, tuple[int, int
     return shapes
 
 
+class BufferDict(_PlainBufferDict):
+    """`vera_A` / `vera_B`: one buffer per adapter, each persistent or not per its adapter's `save_projection`.
+    Assigning to an existing entry (`store[name] += 1`) keeps that entry's persistence. (Keeps the class name:
+    code that recognises per-adapter containers by type name, as upstream's does, sees a BufferDict.)"""
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        persistent = self.persistent
+        if key in self._buffers:
+            persistent = key not in self._non_persistent_buffers_set
+        self.register_buffer(key, value, persistent=persistent)
+
+
 def _base_device(model: nn.Module, keys) -> torch.device:
     modules = dict(model.named_modules())
     for key in keys:
@@ -84,11 +96,26 @@ class VeraModel(BaseTuner):
         if shapes:  # else nothing VeRA can adapt: the generic injection names the problem
             in_max = max(i for i, _ in shapes.values())
             out_max = max(o for _, o in shapes.values())
-            A, B = draw_projections(config.projection_prng_key, config.r, in_max, out_max)
             device = _base_device(model, shapes)
-            for store, tensor in ((self.vera_A, A), (self.vera_B, B)):
-                store.register_buffer(adapter_name, tensor.to(device), persistent=config.save_projection)
+            shared = self._same_projections(config, in_max, out_max, device)
+            if shared is None:
+                A, B = draw_projections(config.projection_prng_key, config.r, in_max, out_max)
+                shared = A.to(device), B.to(device)
+            for store, tensor in zip((self.vera_A, self.vera_B), shared):
+                store.register_buffer(adapter_name, tensor, persistent=config.save_projection)
         super()._inject(model, adapter_name)
+
+    def _same_projections(self, config, in_max: int, out_max: int, device: torch.device):
+        """The (A, B) tensors of an existing adapter drawn from the same key at the same size, to share (as upstream,
+        adapters with one key use the same projection tensors); None when there is none."""
+        for name, A in self.vera_A.items():
+            B = self.vera_B[name]
+            existing = self.peft_config.get(name)
+            if (existing is not None and existing.projection_prng_key == config.projection_prng_key
+                    and A.shape == (config.r, in_max) and B.shape == (out_max, config.r) and A.device == device
+                    and A.dtype == torch.get_default_dtype()):
+                return A, B
+        return None
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         base = target.get_base_layer() if isinstance(target, VeraLayer) else target
