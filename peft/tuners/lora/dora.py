@@ -131,6 +131,14 @@ class DoraLayerMixin:
     (Linear / Conv1D, Conv1d/2d/3d, bitsandbytes) or, for the init, the Embedding. Reads the layer's hooks
     `_base_weight_fp()` (float base weight as stored), `_output_major(t)` and `_delta_fp32(name)`."""
 
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """Upstream's keys (see `BaseTunerLayer`), with DoRA's magnitude saved as `lora_magnitude_vector` (no
+        `.weight`)."""
+        out = super().adapter_state_dict_load_map(adapter_name)
+        if out.pop("lora_magnitude_vector.weight", None) is not None:
+            out["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter_name}.weight"
+        return out
+
     def _init_dora_magnitude(self, adapter_name: str) -> None:
         """`m = ||W + s B A||_c`: the DoRA layer starts equal to its LoRA layer."""
         base = self.get_base_layer()

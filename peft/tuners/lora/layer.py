@@ -265,14 +265,6 @@ class LoraLayer(DoraLayerMixin, BaseTunerLayer):
             steps.append((delta, magnitude, norm))
         return steps
 
-    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
-        """Upstream's keys: the adapter name dropped, and DoRA's magnitude saved as `lora_magnitude_vector` (no
-        `.weight`)."""
-        out = super().adapter_state_dict_load_map(adapter_name)
-        if out.pop("lora_magnitude_vector.weight", None) is not None:
-            out["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter_name}.weight"
-        return out
-
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge each named (default: active) adapter into the base weight, rounding once: LoRA adds `s B A`, DoRA
         replaces `W` by `m / ||W0 + s B A||_c * (W + s B A)` (`W0`: the base without merged adapters), `lora_bias`

@@ -1,12 +1,13 @@
 """LoRA-GA tuner type (Wang, Yu, Li, NeurIPS 2024, arXiv 2407.05000)."""
 
 from .config import LoraGAConfig
-from .model import LoraGAModel, _register_lora_hooks
+from .lora_hooks import register_lora_hooks
+from .model import LoraGAModel
 
 from ...registry import register_peft_method  # noqa: E402  (isort: skip)
 
 register_peft_method(name="loraga", config_cls=LoraGAConfig, model_cls=LoraGAModel, prefix="lora_")
-_register_lora_hooks()
+register_lora_hooks()
 
 __all__ = ["LoraGACallback", "LoraGAConfig", "LoraGAModel"]
 
