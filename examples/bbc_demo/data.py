@@ -8,7 +8,9 @@ seeded, stratified permutation that does not depend on the training seed.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,16 +86,38 @@ def stratified_split(labels: list[int], seed: int = SPLIT_SEED) -> dict[str, lis
     return {k: sorted(v) for k, v in out.items()}
 
 
-def load_splits(tokenizer, max_length: int) -> tuple[dict[str, Split], dict]:
-    """Tokenized train / val / test splits (padded to `max_length`) and a summary of the data."""
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "bbc_demo"  # gitignored
+
+
+def _tokenized(tokenizer, max_length: int, cache_dir: Path | None) -> tuple[dict, list[int], list[str], int, int]:
+    """(encoding, labels, classes, duplicates removed, number of texts), from `cache_dir` when this tokenizer
+    (name, vocabulary size) and length were seen before; else read, tokenized and stored there."""
+    key = hashlib.sha256(f"{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}|{bbc_data_dir()}".encode())
+    path = None if cache_dir is None else cache_dir / f"tokens_{max_length}_{key.hexdigest()[:16]}.pt"
+    if path is not None and path.is_file():
+        c = torch.load(path)
+        return c["enc"], c["labels"], c["classes"], c["n_dup"], c["n"]
     texts, labels, classes, n_dup = read_bbc()
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    out = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    enc = {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"enc": enc, "labels": labels, "classes": classes, "n_dup": n_dup, "n": len(texts)}, tmp)
+        tmp.replace(path)
+    return enc, labels, classes, n_dup, len(texts)
+
+
+def load_splits(tokenizer, max_length: int, cache_dir: Path | None = CACHE_DIR) -> tuple[dict[str, Split], dict]:
+    """Tokenized train / val / test splits (padded to `max_length`) and a summary of the data (tokens cached in
+    `cache_dir`; None: no cache)."""
+    enc, labels, classes, n_dup, n_texts = _tokenized(tokenizer, max_length, cache_dir)
     y = torch.tensor(labels)
     splits = {
         name: Split(enc["input_ids"][idx], enc["attention_mask"][idx], y[idx])
         for name, idx in ((k, torch.tensor(v)) for k, v in stratified_split(labels).items())
     }
-    info = {"classes": classes, "n_unique": len(texts), "n_duplicates_removed": n_dup,
+    info = {"classes": classes, "n_unique": n_texts, "n_duplicates_removed": n_dup,
             **{f"n_{k}": len(v) for k, v in splits.items()}}
     return splits, info
 

@@ -39,6 +39,25 @@ SWEEP_LRS: dict[str, list[float]] = {
 }
 
 
+# The MLM task (`--task mlm`): its methods and rates, chosen by validation loss on the grid below (seed 0, 60 steps,
+# 16 x 64 tokens; docs/lr_sweep_mlm.md).
+MLM_METHODS = ["full", "lora", "loraga", "lorapro_full", "lorapro_efficient"]
+MLM_LRS: dict[str, float] = {
+    "full": 1e-3,
+    "lora": 3e-3,
+    "loraga": 3e-4,
+    "lorapro_full": 1e-3,
+    "lorapro_efficient": 3e-3,
+}
+MLM_SWEEP_LRS: dict[str, list[float]] = {
+    "full": [1e-4, 3e-4, 1e-3, 3e-3],
+    "lora": [1e-3, 3e-3, 1e-2],
+    "loraga": [1e-4, 3e-4, 1e-3],
+    "lorapro_full": [3e-4, 1e-3, 3e-3],
+    "lorapro_efficient": [1e-3, 3e-3],
+}
+
+
 @dataclass
 class Setup:
     """A model ready to train, its optimizer, and what the setup itself cost."""
@@ -50,11 +69,28 @@ class Setup:
     after_step: Optional[Callable[[int], None]] = None  # called with the 0-based step after each optimizer step
 
 
-def _lora_config(cls=None, **extra):
+def _lora_config(cls=None, ctx: dict | None = None, **extra):
+    """Rank 8 on TARGETS. Classification: task type SEQ_CLS (the classifier trains whole). MLM (`ctx["task"]`):
+    no task type, the head's own `dense` excluded (its transform trains whole, see `_train_head`)."""
     from peft import LoraConfig, TaskType
 
     cls = cls or LoraConfig
+    if (ctx or {}).get("task") == "mlm":
+        from .mlm import HEAD_EXCLUDE
+
+        return cls(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), exclude_modules=list(HEAD_EXCLUDE),
+                   **extra)
     return cls(task_type=TaskType.SEQ_CLS, r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), **extra)
+
+
+def _train_head(model: nn.Module, ctx: dict) -> nn.Module:
+    """MLM: the head transform and the decoder bias train in every method (as the classifier does for SEQ_CLS)."""
+    if ctx.get("task") == "mlm":
+        from .mlm import head_parameters
+
+        for p in head_parameters(model):
+            p.requires_grad_(True)
+    return model
 
 
 def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -72,7 +108,7 @@ def setup_lora(model: nn.Module, lr: float, ctx: dict) -> Setup:
     """LoRA (Hu et al. 2021): `W + (alpha/r) B A`, A Kaiming-uniform, B = 0; AdamW on A, B and the head."""
     from peft import get_peft_model
 
-    model = get_peft_model(model, _lora_config())
+    model = _train_head(get_peft_model(model, _lora_config(ctx=ctx)), ctx)
     return Setup(model, _adamw(model, lr))
 
 
@@ -80,7 +116,7 @@ def setup_rslora(model: nn.Module, lr: float, ctx: dict) -> Setup:
     """rsLoRA (Kalajdzievski 2023): LoRA with the scale `alpha / sqrt(r)` instead of `alpha / r`."""
     from peft import get_peft_model
 
-    model = get_peft_model(model, _lora_config(use_rslora=True))
+    model = _train_head(get_peft_model(model, _lora_config(ctx=ctx, use_rslora=True)), ctx)
     return Setup(model, _adamw(model, lr))
 
 
@@ -91,7 +127,7 @@ def setup_loraga(model: nn.Module, lr: float, ctx: dict) -> Setup:
     from peft.utils import lora_ga_utils as ga
 
     batches = ctx["ga_batches"]
-    config = _lora_config(LoraGAConfig, use_rslora=True, iters=len(batches), bsz=ctx["batch_size"],
+    config = _lora_config(LoraGAConfig, ctx, use_rslora=True, iters=len(batches), bsz=ctx["batch_size"],
                           max_length=ctx["max_length"])
     start = time.perf_counter()
     model.train()
@@ -100,27 +136,28 @@ def setup_loraga(model: nn.Module, lr: float, ctx: dict) -> Setup:
     with ga.LoraGAContext(model=model, named_grad=named_grad):
         model = get_peft_model(model=model, peft_config=config, adapter_name="default")
     del named_grad
+    model = _train_head(model, ctx)
     return Setup(model, _adamw(model, lr), setup_seconds=time.perf_counter() - start,
                  notes={"estimation_batches": len(batches)})
 
 
-def _setup_lorapro(model: nn.Module, lr: float, mode: str) -> Setup:
+def _setup_lorapro(model: nn.Module, lr: float, mode: str, ctx: dict) -> Setup:
     from peft import LoraProConfig, get_peft_model
     from peft.optimizers import LoraProAdamW
 
-    model = get_peft_model(model, _lora_config(LoraProConfig, mode=mode))
+    model = _train_head(get_peft_model(model, _lora_config(LoraProConfig, ctx, mode=mode)), ctx)
     return Setup(model, LoraProAdamW(model, lr=lr, weight_decay=0.0))
 
 
 def setup_lorapro_full(model: nn.Module, lr: float, ctx: dict) -> Setup:
     """LoRA-Pro (Wang et al. 2025), `full` mode: Adam moments of the equivalent gradient in the m x n space, the
     Adam direction projected back onto A and B (the paper's Algorithm 2)."""
-    return _setup_lorapro(model, lr, "full")
+    return _setup_lorapro(model, lr, "full", ctx)
 
 
 def setup_lorapro_efficient(model: nn.Module, lr: float, ctx: dict) -> Setup:
     """LoRA-Pro, `efficient` mode: adjusted gradients of A and B, then per-factor AdamW (LoRA's memory)."""
-    return _setup_lorapro(model, lr, "efficient")
+    return _setup_lorapro(model, lr, "efficient", ctx)
 
 
 METHODS: dict[str, Callable[[nn.Module, float, dict], Setup]] = {

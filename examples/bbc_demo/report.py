@@ -36,6 +36,7 @@ def summarise(results: list[dict], steps: int) -> list[dict]:
         row = {"method": method, "label": LABELS.get(method, method), "lr": runs[0]["lr"], "seeds": len(runs)}
         row["loss"] = {k: _mean_std([loss_at(r["losses"], k) for r in runs]) for k in checkpoints(steps)}
         row["accuracy"] = _mean_std([r["accuracy"] for r in runs])
+        row["eval_loss"] = _mean_std([r["eval_loss"] for r in runs]) if all("eval_loss" in r for r in runs) else None
         row["sec_per_step"] = statistics.fmean(statistics.fmean(r["step_times"][1:] or r["step_times"]) for r in runs)
         row["train_peak_mb"] = max(r["train_peak_mb"] for r in runs)
         row["setup_seconds"] = statistics.fmean(r["setup_seconds"] for r in runs)
@@ -51,15 +52,16 @@ def _fmt(ms: tuple[float, float], digits: int, pct: bool = False) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
 
-def table_lines(rows: list[dict], steps: int) -> list[str]:
+def table_lines(rows: list[dict], steps: int, acc_name: str = "test acc %") -> list[str]:
     """A Markdown table (also what the demo prints)."""
     ks = checkpoints(steps)
     head = ["method", "lr"] + [f"loss@{k}" for k in ks] + [
-        "test acc %", "s/step", "train peak MiB", "setup s", "trainable params"]
+        "held-out loss", acc_name, "s/step", "train peak MiB", "setup s", "trainable params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"], f"{row['lr']:g}"] + [_fmt(row["loss"][k], 3) for k in ks] + [
-            _fmt(row["accuracy"], 1, pct=True), f"{row['sec_per_step']:.2f}", f"{row['train_peak_mb']:.0f}",
+            _fmt(row["eval_loss"], 3) if row.get("eval_loss") else "-", _fmt(row["accuracy"], 1, pct=True),
+            f"{row['sec_per_step']:.2f}", f"{row['train_peak_mb']:.0f}",
             f"{row['setup_seconds']:.1f}", f"{row['trainable']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import mlm
 from .data import batch_indices, load_splits
 from .methods import GA_BATCHES, METHODS
 
@@ -104,6 +105,7 @@ def _load_model(path: str, num_labels: int, seed: int):
 
 
 def _train(setup, train_split, batches, show_progress: bool, desc: str) -> tuple[list[float], list[float]]:
+    """`batches`: index tensors into `train_split`, or ready batch dicts (the MLM task's masked batches)."""
     from tqdm.auto import tqdm
 
     model, optimizer = setup.model, setup.optimizer
@@ -112,7 +114,7 @@ def _train(setup, train_split, batches, show_progress: bool, desc: str) -> tuple
     bar = tqdm(batches, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True)
     for idx in bar:
         start = time.perf_counter()
-        loss = model(**train_split.batch(idx)).loss
+        loss = model(**(idx if isinstance(idx, dict) else train_split.batch(idx))).loss
         loss.backward()
         optimizer.step()
         if setup.after_step is not None:  # e.g. AdaLoRA's rank allocation, SoRA's proximal gate step
@@ -139,11 +141,21 @@ def _prepare(job: dict):
     tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
     splits, info = load_splits(tokenizer, job["max_length"])
     train = splits["train"]
+    task = job.get("task", "classify")
     batches = batch_indices(len(train), job["batch_size"], job["steps"], job["seed"])
     ga = batch_indices(len(train), job["batch_size"], GA_BATCHES, job["seed"] + 10_000)
-    ctx = {"ga_batches": [train.batch(i) for i in ga], "batch_size": job["batch_size"],
+    ga_batches = [train.batch(i) for i in ga]
+    if task == "mlm":  # masks from the seed alone: the same for every method at one seed
+        spec = mlm.mask_spec(tokenizer)
+        batches = mlm.masked_batches(train, batches, spec, job["seed"])
+        ga_batches = mlm.masked_batches(train, ga, spec, job["seed"] + 10_000)
+        info["heldout"] = mlm.heldout_batches(splits[job["eval_split"]], spec, limit=job.get("eval_limit"))
+    ctx = {"ga_batches": ga_batches, "batch_size": job["batch_size"], "task": task,
            "max_length": job["max_length"], "steps": job["steps"]}
-    model = _load_model(job["model_path"], len(info["classes"]), job["seed"])
+    if task == "mlm":
+        model = mlm.load_model(job["model_path"], job["seed"])
+    else:
+        model = _load_model(job["model_path"], len(info["classes"]), job["seed"])
     with PeakRSS() as setup_mem:
         setup = METHODS[job["method"]](model, job["lr"], ctx)
     torch.manual_seed(job["seed"])  # dropout
@@ -164,7 +176,8 @@ def memory_probe(job: dict) -> dict:
     setup, _, splits, _, batches = _prepare({**job, "steps": MEMORY_PROBE_STEPS})
     # one forward+backward first (no optimizer step, gradients dropped): the kernels' one-time buffers then sit in
     # every method's baseline, not only in LoRA-GA's (whose setup already ran 8 such passes)
-    setup.model(**splits["train"].batch(batches[0])).loss.backward()
+    first = batches[0] if isinstance(batches[0], dict) else splits["train"].batch(batches[0])
+    setup.model(**first).loss.backward()
     setup.model.zero_grad(set_to_none=True)
     with PeakRSS() as mem:
         _train(setup, splits["train"], batches, False, job["method"])
@@ -174,7 +187,8 @@ def memory_probe(job: dict) -> dict:
 def run_one(job: dict) -> dict:
     """Train `job["method"]` at `job["lr"]` for `job["steps"]` steps with seed `job["seed"]`; measure and evaluate.
 
-    job keys: method, lr, seed, steps, batch_size, max_length, model_path, eval_split ("test" or "val"),
+    job keys: task ("classify", the default, or "mlm"), method, lr, seed, steps, batch_size, max_length, model_path,
+    eval_split ("test" or "val"),
     eval_limit (None for all), threads (None: torch's default), progress (bool).
     """
     setup, setup_mem, splits, info, batches = _prepare(job)
@@ -184,7 +198,11 @@ def run_one(job: dict) -> dict:
     desc = f"{job['method']} lr={job['lr']:g} seed={job['seed']}"
     with PeakRSS() as train_mem:
         losses, times = _train(setup, train, batches, job.get("progress", True), desc)
-    acc, eval_loss = evaluate(setup.model, splits[job["eval_split"]], limit=job.get("eval_limit"))
+    heldout = info.pop("heldout", None)
+    if heldout is not None:  # MLM: masked-token accuracy and loss with the fixed held-out masks
+        acc, eval_loss = mlm.evaluate(setup.model, heldout)
+    else:
+        acc, eval_loss = evaluate(setup.model, splits[job["eval_split"]], limit=job.get("eval_limit"))
     return {
         "method": job["method"], "lr": job["lr"], "seed": job["seed"], "losses": losses, "step_times": times,
         "setup_seconds": setup.setup_seconds, "setup_peak_mb": setup_mem.peak_mb, "train_peak_mb": train_mem.peak_mb,

