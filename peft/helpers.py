@@ -40,9 +40,10 @@ def _scaled_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def rescale_adapter_scale(model: nn.Module, multiplier: float) -> Iterator[None]:
-    """Multiply the `scaling` of every adapter of every `LoraLayer` in `model` by `multiplier` for the duration of
-    the block (`y = base(x) + multiplier * s B A x`); the original scalings are restored on exit, also on error.
-    Raises `TypeError` for a non-numeric multiplier and `ValueError` when the model has no `LoraLayer`."""
+    """Multiply the `scaling` of every adapter of every scaled tuner layer in `model` (LoRA's and the variants' that
+    keep a per-adapter `scaling` dict) by `multiplier` for the duration of the block (LoRA: `y = base(x) + multiplier
+    * s B A x`); the original scalings are restored on exit, also on error. Raises `TypeError` for a non-numeric
+    multiplier and `ValueError` (upstream's message) when the model has no such layer."""
     if isinstance(multiplier, bool) or not isinstance(multiplier, (float, int)):
         raise TypeError(f"Argument multiplier should be of type float, got {type(multiplier)}")
     layers = _scaled_layers(model)
