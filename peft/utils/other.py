@@ -263,6 +263,8 @@ def update_model_card(peft_model: nn.Module, output_dir: str) -> None:
         else:
             lines += ["", heading, "", version_line]
     card.text = "\n".join(lines).strip("\n") + "\n"
-    from .io import atomic_write_text
+    from .io import atomic_write_text, folder_lock, remove_stale_temporaries
 
-    atomic_write_text(path, str(card))  # a temporary name renamed over README.md: a failed save keeps the old card
+    with folder_lock(output_dir):  # a killed earlier save may have left its README temporary: clear it first
+        remove_stale_temporaries(output_dir, ["README.md"])
+        atomic_write_text(path, str(card))  # a temporary name renamed over README.md: a failed save keeps the old card

@@ -183,3 +183,14 @@ def test_same_adapter_saved_in_two_processes_gives_the_same_bytes(tmp_path):
 
     with safe_open(str(tmp_path / "0" / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt", "peft_config_sha256": "0123abcd"}
+
+
+def test_a_save_clears_the_readme_temporary_a_killed_save_left(tmp_path):
+    """A save killed while writing the model card leaves `.README.md.<random>.tmp`; the next save removes it (as it
+    removes the weights' and config's), so a folder never keeps collecting them."""
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".README.md.abc123.tmp").write_text("half a card")
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    assert (tmp_path / "README.md").read_text().startswith("---")
