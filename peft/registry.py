@@ -60,6 +60,7 @@ def register_peft_method(
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+    _PREFIXES[0] = tuple(sorted(set(PEFT_TYPE_TO_PREFIX_MAPPING.values())))
     if is_mixed_compatible:
         MIXED_COMPATIBLE_TYPES.add(peft_type)
 
@@ -80,7 +81,11 @@ def _add_peft_type(value: str) -> PeftType:
     return member
 
 
+_PREFIXES: list[tuple[str, ...]] = [()]  # kept in step with PEFT_TYPE_TO_PREFIX_MAPPING by register_peft_method
+
+
 def adapter_prefixes() -> tuple[str, ...]:
-    """The registered tuner types' parameter-name prefixes ("lora_", ...): a module or parameter name with a part
-    starting with one of them belongs to an adapter, not to the base model."""
-    return tuple(sorted(set(PEFT_TYPE_TO_PREFIX_MAPPING.values())))
+    """The registered tuner types' parameter-name prefixes (each type's `prefix`): a module or parameter name with
+    a part starting with one of them belongs to an adapter, not to the base model. Computed at registration, since
+    target matching asks once per module name."""
+    return _PREFIXES[0]

@@ -37,7 +37,7 @@ class BaseTuner(MergeUnloadMixin, nn.Module):
     """Wraps `model` in place: injects tuner layers for every module its config targets.
 
     `self.model` is the wrapped model, `self.peft_config` maps adapter names to configs. Subclasses set `prefix`
-    (the start of their container names, e.g. "lora_") and `tuner_layer_cls`, implement `_create_and_replace`, and
+    (the start of their container names, as registered) and `tuner_layer_cls`, implement `_create_and_replace`, and
     may override `_prepare_adapter_config` (default target modules) and `_mark_only_adapters_as_trainable`.
     """
 

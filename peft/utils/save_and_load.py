@@ -127,7 +127,7 @@ def _optional_load_keys(model: nn.Module, adapter_name: str, own: dict, model_ke
 
 def _trained_bias_keys(model: nn.Module, model_keys, bias: str) -> list[str]:
     """`bias="all"`: every bias outside the adapter containers (upstream also writes `original_module` biases);
-    `"<method>_only"` (LoRA's `"lora_only"`, ...): the base biases of the adapted layers; `"none"`: none."""
+    `"<method>_only"` (one per tuner type, named after it): the base biases of the adapted layers; `"none"`: none."""
     if bias == "all":  # "bias", and `nn.MultiheadAttention`'s in_proj_bias / bias_k / bias_v
         prefixes = _adapter_state_prefixes(model)
         return [k for k in model_keys if "bias" in k.split(".")[-1] and not _in_adapter_state(k, prefixes)]

@@ -10,7 +10,6 @@ shapes the estimation's own matrix products can depend on the thread count too, 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import subprocess
@@ -56,4 +55,3 @@ def test_loraga_setup_gives_identical_bytes_in_fresh_processes():
     one, two = _fingerprint(2), _fingerprint(2)
     assert one[0] == two[0], "LoRA-GA adapter (A, B and the classifier head) differs between processes"
     assert one[1] == two[1], "offset base weights (W - s B A) differ between processes"
-    assert len({one[0], hashlib.sha256(b"").hexdigest()}) == 2
